@@ -1,0 +1,254 @@
+//! The POSIX backend: `pread`/`pwrite`/`fdatasync`/`fallocate`/`lseek(SEEK_DATA)`, and the
+//! [`PosixEnv`] that hands out files of either backend.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::uring::{Ring, UringFile};
+use super::{Env, Extent, IoBackend, OpenMode, Storage};
+
+/// A real directory tree on the local filesystem.
+#[derive(Debug, Clone)]
+pub struct PosixEnv {
+    ring: Option<Arc<Ring>>,
+}
+
+impl PosixEnv {
+    /// Opens the environment with the requested backend. [`IoBackend::Auto`] probes
+    /// io_uring and falls back to POSIX with one log line; [`IoBackend::Uring`] fails when
+    /// the kernel refuses io_uring.
+    pub fn new(backend: IoBackend) -> io::Result<Self> {
+        let ring = match backend {
+            IoBackend::Posix => None,
+            IoBackend::Uring => Some(Arc::new(Ring::start()?)),
+            IoBackend::Auto => match Ring::start() {
+                Ok(ring) => Some(Arc::new(ring)),
+                Err(e) => {
+                    tracing::info!("io_uring unavailable ({e}); using the pread/pwrite backend");
+                    None
+                }
+            },
+        };
+        Ok(Self { ring })
+    }
+
+    /// The POSIX backend, which cannot fail to start.
+    pub fn posix() -> Self {
+        Self { ring: None }
+    }
+}
+
+impl Env for PosixEnv {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(mode == OpenMode::CreateIfMissing)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        let file = PosixFile::new(file);
+        Ok(match &self.ring {
+            Some(ring) => Arc::new(UringFile::new(file, Arc::clone(ring))),
+            None => Arc::new(file),
+        })
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        std::fs::read_dir(path)?.map(|entry| entry.map(|e| e.path())).collect()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        // SAFETY: flock only reads its integer arguments; the fd stays open for as long as
+        // the returned guard (which owns the File) lives, and the lock with it.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Box::new(file))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        if self.ring.is_some() {
+            "io_uring"
+        } else {
+            "posix"
+        }
+    }
+}
+
+/// A file accessed with positioned syscalls.
+#[derive(Debug)]
+pub(crate) struct PosixFile {
+    file: File,
+}
+
+impl PosixFile {
+    pub(crate) fn new(file: File) -> Self {
+        Self { file }
+    }
+
+    pub(crate) fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let offset = to_off(offset)?;
+        let len = to_off(len)?;
+        loop {
+            // SAFETY: fallocate only reads its integer arguments; the fd is owned by `self`.
+            let rc = unsafe { libc::fallocate(self.raw_fd(), mode, offset, len) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+        let offset = to_off(offset)?;
+        // SAFETY: lseek only reads its integer arguments; the fd is owned by `self`. The
+        // file position it moves is never used: every read and write is positioned.
+        let rc = unsafe { libc::lseek(self.raw_fd(), offset, whence) };
+        if rc >= 0 {
+            return Ok(Some(rc as u64));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(err)
+        }
+    }
+}
+
+fn to_off(value: u64) -> io::Result<i64> {
+    i64::try_from(value).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
+}
+
+impl Storage for PosixFile {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeros(self, offset, len),
+            other => other,
+        }
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let end = offset.saturating_add(len);
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = self.seek(pos, libc::SEEK_DATA)?.unwrap_or(u64::MAX);
+            let (run_end, hole) = if data > pos {
+                (data.min(end), true)
+            } else {
+                let hole_at = self.seek(pos, libc::SEEK_HOLE)?.unwrap_or(u64::MAX);
+                (hole_at.min(end), false)
+            };
+            if run_end <= pos {
+                // The file changed under us; report the rest as data, which is always safe.
+                extents.push(Extent { len: end - pos, hole: false });
+                break;
+            }
+            extents.push(Extent { len: run_end - pos, hole });
+            pos = run_end;
+        }
+        Ok(extents)
+    }
+}
+
+/// Writes `len` zero bytes at `offset` in 1 MiB pieces; the fallback when a filesystem
+/// cannot zero a range in place.
+pub(crate) fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let zeros = vec![0u8; PIECE.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = PIECE.min(len - done) as usize;
+        storage.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,698 @@
+//! The volume: the engine's public face.
+//!
+//! # Write path
+//! A write takes the journal lock, appends its record (seq-numbered), applies it to the
+//! block store's page cache and marks the change map, then releases the lock: the store
+//! always reflects a prefix of the journal, in journal order, and reads go straight to the
+//! store. Nothing is synced on this path; [`Volume::flush`] (and a durable write) syncs
+//! the journal segments with group commit. Checkpoints sync the store and the change map,
+//! then move the superblock's checkpoint forward so older segments can be reused.
+//!
+//! # Invariants
+//! - Every record with `seq <= checkpoint_seq` is durable in the block store and the
+//!   persisted change map; every record above it is in the journal.
+//! - `checkpoint_seq <= durable_seq <= last_seq`.
+//! - After the first failed write or sync the volume is poisoned: writes and flushes fail,
+//!   reads still work.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::blockstore::BlockStore;
+use crate::changemap::{ChangeMap, ChangeMapState, ChangeSet};
+use crate::durable::{durable_replace, PersistMode};
+use crate::error::{Error, Result};
+use crate::format::{RecordKind, Superblock, FLAG_MAY_PUNCH, NAME_MAX_BYTES, SUPERBLOCK_LEN};
+use crate::journal::{list_segments, scan, AppendError, Journal, ResumePoint, TornTail};
+use crate::storage::{Env, Extent, OpenMode};
+
+/// File name of the superblock inside a volume directory.
+pub const SUPERBLOCK_FILE: &str = "volume.hdr";
+const LOCK_FILE: &str = "lock";
+/// Largest volume this build creates (the format itself allows more).
+pub const MAX_VOLUME_BYTES: u64 = 256 << 40;
+
+/// Geometry chosen when a volume is created (persisted in its superblock).
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// Size of each journal segment file (default 64 MiB).
+    pub segment_bytes: u64,
+    /// Most journal segments in use at once (default 16, so at most 1 GiB of journal).
+    pub segment_count_max: u32,
+    /// Change-map region size (default 64 KiB).
+    pub change_region_bytes: u32,
+    /// Size of each block-store extent file (default 1 TiB).
+    pub extent_file_bytes: u64,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+            segment_count_max: 16,
+            change_region_bytes: 64 << 10,
+            extent_file_bytes: 1 << 40,
+        }
+    }
+}
+
+/// Runtime behaviour chosen when a volume is opened.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Checkpoint at least this often while there are new records (default 10 s).
+    pub checkpoint_interval: Duration,
+    /// Run the background checkpointer thread (default true). Without it, checkpoints
+    /// happen only when the journal is full, on [`Volume::checkpoint`] and on close.
+    pub background_checkpoints: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self { checkpoint_interval: Duration::from_secs(10), background_checkpoints: true }
+    }
+}
+
+/// What recovery found and did when the volume was opened.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    /// Seq of the checkpoint replay started from.
+    pub checkpoint_seq: u64,
+    /// Records replayed onto the block store.
+    pub replayed_records: u64,
+    /// Payload bytes replayed.
+    pub replayed_bytes: u64,
+    /// Seq of the last record kept.
+    pub last_seq: u64,
+    /// The torn record dropped at the end of the journal, if there was one.
+    pub torn_tail: Option<TornTail>,
+    /// Whether the change map survived.
+    pub change_map: ChangeMapState,
+    /// Time recovery took.
+    pub duration: Duration,
+}
+
+/// A snapshot of a volume's counters, for `keel status` and tests.
+#[derive(Debug, Clone)]
+pub struct VolumeStatus {
+    /// Volume name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Seq of the last record appended.
+    pub last_seq: u64,
+    /// Every record up to this seq is durable.
+    pub durable_seq: u64,
+    /// Every record up to this seq is in the block store and durable there.
+    pub checkpoint_seq: u64,
+    /// Journal segment files in use.
+    pub journal_segments: usize,
+    /// Journal bytes written since the last checkpoint.
+    pub journal_bytes_since_checkpoint: u64,
+    /// The change map answers for changes after this seq.
+    pub change_map_base_seq: u64,
+    /// Regions currently marked changed.
+    pub changed_regions: u64,
+    /// The cause, when the volume is poisoned.
+    pub poisoned: Option<String>,
+    /// The storage backend in use.
+    pub io_backend: &'static str,
+}
+
+/// An open volume. Cheap to share: wrap it in an `Arc`; every method takes `&self` and is
+/// safe to call from many threads.
+#[derive(Debug)]
+pub struct Volume {
+    inner: Arc<Inner>,
+    checkpointer: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    dir: PathBuf,
+    env: Arc<dyn Env>,
+    size: u64,
+    superblock: Mutex<Superblock>,
+    journal: Journal,
+    store: BlockStore,
+    changemap: ChangeMap,
+    max_payload: usize,
+    poison: OnceLock<String>,
+    checkpoint_lock: Mutex<()>,
+    checkpoint_pressure_bytes: u64,
+    wake: Mutex<Wake>,
+    wake_cond: Condvar,
+    _lock: Box<dyn Any + Send + Sync>,
+}
+
+#[derive(Debug, Default)]
+struct Wake {
+    pressure: bool,
+    stop: bool,
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_MAX_BYTES
+        && !name.starts_with(['.', '-'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid volume name {name:?}: use 1-{NAME_MAX_BYTES} characters from A-Z a-z 0-9 . _ -, not starting with . or -"
+        )))
+    }
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // Fall back to time and pid: ids only need to tell volumes apart.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        id[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    id
+}
+
+impl Volume {
+    /// Creates a new, zero-filled volume in `dir` (which must not hold a volume yet).
+    pub fn create(env: Arc<dyn Env>, dir: &Path, name: &str, size: u64, options: &VolumeOptions) -> Result<()> {
+        validate_name(name)?;
+        if size == 0 || size % 4096 != 0 || size > MAX_VOLUME_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name:?}: size {size} must be a positive multiple of 4096 bytes, at most {MAX_VOLUME_BYTES}"
+            )));
+        }
+        if options.segment_bytes < (1 << 20) || options.segment_bytes % 4096 != 0 || options.segment_count_max < 2 {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name:?}: journal segments must be at least 1 MiB (a multiple of 4 KiB), and at least 2 of them"
+            )));
+        }
+        let io = |context: &str| {
+            let context = context.to_string();
+            move |source| Error::Io { volume: name.to_string(), context, source }
+        };
+        if env.exists(&dir.join(SUPERBLOCK_FILE)) {
+            return Err(Error::InvalidArgument(format!("volume {name:?} already exists in {}", dir.display())));
+        }
+        env.create_dir_all(dir).map_err(io("create the volume directory"))?;
+        let volume_id = random_id();
+        let superblock = Superblock {
+            volume_id,
+            block_size: 4096,
+            size,
+            epoch: 1,
+            checkpoint_seq: 0,
+            checkpoint_segment: 1,
+            checkpoint_offset: crate::format::SEGMENT_HEADER_LEN as u64,
+            segment_bytes: options.segment_bytes,
+            segment_count_max: options.segment_count_max,
+            changemap_generation: 1,
+            change_region_bytes: options.change_region_bytes,
+            extent_file_bytes: options.extent_file_bytes,
+            name: name.to_string(),
+        };
+        // Validate the geometry through the decoder's own checks before writing anything.
+        Superblock::decode(&superblock.encode())
+            .map_err(|e| Error::InvalidArgument(format!("volume {name:?}: {e}")))?;
+        BlockStore::create(env.as_ref(), dir, size, options.extent_file_bytes).map_err(io("create the block store"))?;
+        ChangeMap::create(env.as_ref(), dir, volume_id, size, options.change_region_bytes)
+            .map_err(io("create the change map"))?;
+        Journal::create(&env, dir, volume_id, options.segment_bytes, 1).map_err(io("create the journal"))?;
+        // The superblock is written last: a crash before this leaves no volume, not half of one.
+        durable_replace(env.as_ref(), &dir.join(SUPERBLOCK_FILE), &superblock.encode())
+            .map_err(io("write the superblock"))?;
+        Ok(())
+    }
+
+    /// Reads and validates a volume's superblock without opening the volume.
+    pub fn read_superblock(env: &dyn Env, dir: &Path) -> Result<Superblock> {
+        let path = dir.join(SUPERBLOCK_FILE);
+        let volume = dir.display().to_string();
+        if !env.exists(&path) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a Keel volume (no {SUPERBLOCK_FILE})",
+                dir.display()
+            )));
+        }
+        let file = env.open(&path, OpenMode::Existing).map_err(|source| Error::Io {
+            volume: volume.clone(),
+            context: "open the superblock".into(),
+            source,
+        })?;
+        let mut bytes = vec![0u8; SUPERBLOCK_LEN];
+        file.read_at(&mut bytes, 0).map_err(|source| Error::Io {
+            volume: volume.clone(),
+            context: "read the superblock".into(),
+            source,
+        })?;
+        Superblock::decode(&bytes).map_err(|e| Error::Corruption { volume, file: path, detail: e.to_string() })
+    }
+
+    /// Opens a volume, replaying its journal from the last checkpoint. A torn record at
+    /// the end of the journal is dropped and reported; corruption in the acknowledged
+    /// journal is an error and the volume is not opened.
+    pub fn open(env: Arc<dyn Env>, dir: &Path, options: &OpenOptions) -> Result<(Volume, RecoveryReport)> {
+        let started = Instant::now();
+        let dir_name = dir.display().to_string();
+        let lock = env.lock(&dir.join(LOCK_FILE)).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Locked { dir: dir.to_path_buf() }
+            } else {
+                Error::Io { volume: dir_name.clone(), context: "lock the volume directory".into(), source }
+            }
+        })?;
+        let mut sb = Self::read_superblock(env.as_ref(), dir)?;
+        let name = sb.name.clone();
+        let io = |context: &str| {
+            let (volume, context) = (name.clone(), context.to_string());
+            move |source| Error::Io { volume, context, source }
+        };
+        let store =
+            BlockStore::open(env.as_ref(), dir, sb.size, sb.extent_file_bytes).map_err(io("open the block store"))?;
+        let (changemap, change_map_state) = ChangeMap::open(
+            env.as_ref(),
+            dir,
+            sb.volume_id,
+            sb.size,
+            sb.change_region_bytes,
+            sb.changemap_generation,
+            sb.checkpoint_seq,
+        )
+        .map_err(io("open the change map"))?;
+        if let ChangeMapState::Rebuilt { reason } = &change_map_state {
+            tracing::warn!(volume = %name, "change map rebuilt because {reason}; changes before seq {} need a full scan", sb.checkpoint_seq);
+        }
+        let segments = list_segments(env.as_ref(), dir, sb.volume_id).map_err(io("list the journal segments"))?;
+        let region_bytes = u64::from(sb.change_region_bytes);
+        let end = scan(
+            env.as_ref(),
+            &name,
+            &segments,
+            sb.segment_bytes,
+            sb.checkpoint_segment,
+            sb.checkpoint_offset,
+            sb.checkpoint_seq + 1,
+            |record| {
+                let h = &record.header;
+                let data = matches!(h.kind, RecordKind::Write | RecordKind::Zero | RecordKind::Trim);
+                if data && h.offset.checked_add(h.length).is_none_or(|end| end > sb.size) {
+                    return Err(Error::Corruption {
+                        volume: name.clone(),
+                        file: segments.iter().find(|s| s.header.is_some_and(|x| x.segment_no == record.segment_no)).map(|s| s.path.clone()).unwrap_or_default(),
+                        detail: format!(
+                            "journal segment {} record at offset {}, seq {}: range {}+{} is outside the volume ({} bytes)",
+                            record.segment_no, record.file_offset, h.seq, h.offset, h.length, sb.size
+                        ),
+                    });
+                }
+                let applied = match h.kind {
+                    RecordKind::Write => store.write(h.offset, record.payload),
+                    RecordKind::Zero => store.zero(h.offset, h.length, h.flags & FLAG_MAY_PUNCH != 0),
+                    RecordKind::Trim => store.zero(h.offset, h.length, true),
+                    RecordKind::Barrier | RecordKind::Snapshot => Ok(()),
+                };
+                applied.map_err(io(&format!("replay record seq {}", h.seq)))?;
+                if data {
+                    changemap.mark(h.offset, h.length, region_bytes);
+                }
+                Ok(())
+            },
+        )?;
+        if let Some(torn) = &end.torn {
+            tracing::warn!(
+                volume = %name,
+                "journal ends with a torn record at segment {} offset {} (seq {}): {}; dropped {} bytes",
+                torn.segment_no, torn.offset, torn.seq, torn.reason, torn.bytes_dropped
+            );
+        }
+        // Erase whatever follows the end (a torn record, stale records of a reused slot)
+        // so that records written from here on can never be followed by old ones that
+        // happen to carry the next seq.
+        let end_info = segments
+            .iter()
+            .find(|s| s.header.is_some_and(|h| h.segment_no == end.segment_no))
+            .ok_or_else(|| Error::InvalidArgument(format!("volume {name:?}: journal end segment vanished")))?;
+        let end_file = env.open(&end_info.path, OpenMode::Existing).map_err(io("open the last journal segment"))?;
+        end_file.zero_range(end.offset, sb.segment_bytes - end.offset).map_err(io("erase the journal tail"))?;
+        end_file.sync().map_err(io("sync the journal tail"))?;
+        let resume = ResumePoint {
+            segment_no: end.segment_no,
+            offset: end.offset,
+            next_seq: end.next_seq,
+            last_data_seq: end.last_data_seq,
+            epoch: sb.epoch,
+            checkpoint_segment_no: end.segment_no,
+        };
+        let journal = Journal::open(
+            Arc::clone(&env),
+            dir,
+            sb.volume_id,
+            sb.segment_bytes,
+            sb.segment_count_max as usize,
+            &segments,
+            resume,
+        )
+        .map_err(io("open the journal"))?;
+        // Checkpoint at the end of the replay, so the next open starts here.
+        store.sync().map_err(io("sync the block store"))?;
+        changemap.persist().map_err(io("persist the change map"))?;
+        let report = RecoveryReport {
+            checkpoint_seq: sb.checkpoint_seq,
+            replayed_records: end.records,
+            replayed_bytes: end.payload_bytes,
+            last_seq: end.next_seq - 1,
+            torn_tail: end.torn.clone(),
+            change_map: change_map_state,
+            duration: Duration::ZERO,
+        };
+        sb.checkpoint_seq = end.next_seq - 1;
+        sb.checkpoint_segment = end.segment_no;
+        sb.checkpoint_offset = end.offset;
+        sb.changemap_generation = changemap.generation();
+        durable_replace(env.as_ref(), &dir.join(SUPERBLOCK_FILE), &sb.encode()).map_err(io("write the superblock"))?;
+        let max_payload = Journal::max_payload(sb.segment_bytes);
+        let checkpoint_pressure_bytes = sb.segment_bytes * u64::from(sb.segment_count_max / 2).max(1);
+        let inner = Arc::new(Inner {
+            name: name.clone(),
+            dir: dir.to_path_buf(),
+            env,
+            size: sb.size,
+            superblock: Mutex::new(sb),
+            journal,
+            store,
+            changemap,
+            max_payload,
+            poison: OnceLock::new(),
+            checkpoint_lock: Mutex::new(()),
+            checkpoint_pressure_bytes,
+            wake: Mutex::new(Wake::default()),
+            wake_cond: Condvar::new(),
+            _lock: lock,
+        });
+        let checkpointer = if options.background_checkpoints {
+            let worker = Arc::clone(&inner);
+            let interval = options.checkpoint_interval;
+            let thread = std::thread::Builder::new()
+                .name(format!("keel-ckpt-{}", inner.name))
+                .spawn(move || worker.run_checkpointer(interval))
+                .map_err(io("start the checkpointer thread"))?;
+            Some(thread)
+        } else {
+            None
+        };
+        let report = RecoveryReport { duration: started.elapsed(), ..report };
+        Ok((Volume { inner, checkpointer }, report))
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The volume's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_range(offset, buf.len() as u64)?;
+        inner.store.read(offset, buf).map_err(|source| Error::Io {
+            volume: inner.name.clone(),
+            context: format!("read {} bytes at {offset}", buf.len()),
+            source,
+        })
+    }
+
+    /// Writes `data` at `offset`; returns the seq of its (last) record.
+    pub fn write(&self, offset: u64, data: &[u8], persist: PersistMode) -> Result<u64> {
+        let inner = &self.inner;
+        inner.check_range(offset, data.len() as u64)?;
+        inner.check_writable()?;
+        let mut seq = inner.journal.position().last_seq;
+        for (index, piece) in data.chunks(inner.max_payload).enumerate() {
+            let at = offset + (index * inner.max_payload) as u64;
+            let len = piece.len() as u64;
+            seq = inner.append(RecordKind::Write, 0, at, len, piece, &|_| {
+                inner.store.write(at, piece)?;
+                inner.changemap.mark(at, len, inner.changemap.region_bytes());
+                Ok(())
+            })?;
+        }
+        inner.finish(seq, persist)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros; `may_punch` allows deallocating it.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool, persist: PersistMode) -> Result<u64> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        inner.check_writable()?;
+        let flags = if may_punch { FLAG_MAY_PUNCH } else { 0 };
+        let seq = inner.append(RecordKind::Zero, flags, offset, len, &[], &|_| {
+            inner.store.zero(offset, len, may_punch)?;
+            inner.changemap.mark(offset, len, inner.changemap.region_bytes());
+            Ok(())
+        })?;
+        inner.finish(seq, persist)
+    }
+
+    /// Discards `[offset, offset+len)`; it reads as zeros afterwards.
+    pub fn trim(&self, offset: u64, len: u64, persist: PersistMode) -> Result<u64> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        inner.check_writable()?;
+        let seq = inner.append(RecordKind::Trim, 0, offset, len, &[], &|_| {
+            inner.store.zero(offset, len, true)?;
+            inner.changemap.mark(offset, len, inner.changemap.region_bytes());
+            Ok(())
+        })?;
+        inner.finish(seq, persist)
+    }
+
+    /// Makes every write that returned before this call durable. Concurrent flushes share
+    /// one `fdatasync`. Returns the durable seq.
+    pub fn flush(&self) -> Result<u64> {
+        self.inner.check_writable()?;
+        self.inner.journal.flush().map_err(|cause| self.inner.poison_with(cause))
+    }
+
+    /// Records a snapshot point in the journal and makes it durable; returns its seq.
+    pub fn mark_snapshot(&self, name: &str) -> Result<u64> {
+        let inner = &self.inner;
+        inner.check_writable()?;
+        let seq = inner.append(RecordKind::Snapshot, 0, 0, 0, name.as_bytes(), &|_| Ok(()))?;
+        inner.journal.flush_to(seq).map_err(|cause| inner.poison_with(cause))?;
+        Ok(seq)
+    }
+
+    /// Allocation map of a range: holes read as zeros.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        inner.store.extents(offset, len).map_err(|source| Error::Io {
+            volume: inner.name.clone(),
+            context: format!("map allocation of {offset}+{len}"),
+            source,
+        })
+    }
+
+    /// Regions changed since `seq`, or [`Error::ChangeMapUnavailable`] when the change
+    /// map cannot answer (it was rebuilt after `seq`): scan everything then.
+    pub fn changed_since(&self, seq: u64) -> Result<ChangeSet> {
+        let inner = &self.inner;
+        inner.changemap.changed_since(seq).ok_or_else(|| Error::ChangeMapUnavailable {
+            volume: inner.name.clone(),
+            since: seq,
+            reason: format!("the map only tracks changes after seq {}", inner.changemap.base_seq()),
+        })
+    }
+
+    /// Applies the journal to the block store durably and lets old segments be reused.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.inner.checkpoint()
+    }
+
+    /// Current counters.
+    pub fn status(&self) -> VolumeStatus {
+        let inner = &self.inner;
+        let (position, bytes) = inner.journal.checkpoint_snapshot();
+        VolumeStatus {
+            name: inner.name.clone(),
+            size: inner.size,
+            epoch: inner.journal.epoch(),
+            last_seq: position.last_seq,
+            durable_seq: inner.journal.durable_seq(),
+            checkpoint_seq: inner.superblock.lock().checkpoint_seq,
+            journal_segments: inner.journal.segment_count(),
+            journal_bytes_since_checkpoint: bytes,
+            change_map_base_seq: inner.changemap.base_seq(),
+            changed_regions: inner.changemap.changed_count(),
+            poisoned: inner.poison.get().cloned(),
+            io_backend: inner.env.backend_name(),
+        }
+    }
+
+    /// Flushes, checkpoints and closes the volume, reporting any error (dropping the
+    /// volume does the same but can only log errors).
+    pub fn close(mut self) -> Result<()> {
+        self.stop_checkpointer();
+        self.inner.close()
+    }
+
+    fn stop_checkpointer(&mut self) {
+        if let Some(thread) = self.checkpointer.take() {
+            self.inner.wake.lock().stop = true;
+            self.inner.wake_cond.notify_all();
+            if thread.join().is_err() {
+                tracing::error!(volume = %self.inner.name, "checkpointer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if self.checkpointer.is_none() && Arc::strong_count(&self.inner) > 1 {
+            return;
+        }
+        self.stop_checkpointer();
+        if self.inner.poison.get().is_none() {
+            if let Err(e) = self.inner.close() {
+                tracing::error!(volume = %self.inner.name, "failed to close cleanly: {e:#}");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::OutOfRange { volume: self.name.clone(), offset, len, size: self.size }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match self.poison.get() {
+            Some(cause) => Err(Error::Poisoned { volume: self.name.clone(), cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison_with(&self, cause: String) -> Error {
+        let first = self.poison.get_or_init(|| {
+            tracing::error!(volume = %self.name, "poisoned, refusing writes: {cause}");
+            cause.clone()
+        });
+        self.journal.poison(first.clone());
+        Error::Poisoned { volume: self.name.clone(), cause: first.clone() }
+    }
+
+    fn append(
+        &self,
+        kind: RecordKind,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        apply: &dyn Fn(u64) -> std::io::Result<()>,
+    ) -> Result<u64> {
+        loop {
+            match self.journal.append(kind, flags, offset, length, payload, apply) {
+                Ok(seq) => {
+                    if self.journal.bytes_since_checkpoint() >= self.checkpoint_pressure_bytes {
+                        self.wake.lock().pressure = true;
+                        self.wake_cond.notify_all();
+                    }
+                    return Ok(seq);
+                }
+                // Backpressure: the writer waits for a checkpoint to free segments.
+                Err(AppendError::Full) => self.checkpoint()?,
+                Err(AppendError::Io(context, e)) => return Err(self.poison_with(format!("failed to {context}: {e}"))),
+            }
+        }
+    }
+
+    fn finish(&self, seq: u64, persist: PersistMode) -> Result<u64> {
+        if persist == PersistMode::Durable {
+            self.journal.flush_to(seq).map_err(|cause| self.poison_with(cause))?;
+        }
+        Ok(seq)
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        self.check_writable()?;
+        let _only_one = self.checkpoint_lock.lock();
+        let (position, bytes) = self.journal.checkpoint_snapshot();
+        if position.last_seq == self.superblock.lock().checkpoint_seq {
+            return Ok(());
+        }
+        self.journal.flush_to(position.last_seq).map_err(|cause| self.poison_with(cause))?;
+        let fail = |what: &str, e: std::io::Error| self.poison_with(format!("failed to {what}: {e}"));
+        self.store.sync().map_err(|e| fail("sync the block store", e))?;
+        self.changemap.persist().map_err(|e| fail("persist the change map", e))?;
+        let encoded = {
+            let mut sb = self.superblock.lock();
+            sb.checkpoint_seq = position.last_seq;
+            sb.checkpoint_segment = position.segment_no;
+            sb.checkpoint_offset = position.offset;
+            sb.encode()
+        };
+        durable_replace(self.env.as_ref(), &self.dir.join(SUPERBLOCK_FILE), &encoded)
+            .map_err(|e| fail("write the superblock", e))?;
+        self.journal.checkpointed(position, bytes);
+        tracing::debug!(volume = %self.name, seq = position.last_seq, "checkpoint");
+        Ok(())
+    }
+
+    fn run_checkpointer(&self, interval: Duration) {
+        let mut last = Instant::now();
+        loop {
+            {
+                let mut wake = self.wake.lock();
+                if !wake.stop && !wake.pressure {
+                    self.wake_cond
+                        .wait_for(&mut wake, interval.saturating_sub(last.elapsed()).max(Duration::from_millis(10)));
+                }
+                if wake.stop {
+                    return;
+                }
+                if !wake.pressure && last.elapsed() < interval {
+                    continue;
+                }
+                wake.pressure = false;
+            }
+            last = Instant::now();
+            if self.poison.get().is_some() {
+                continue;
+            }
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(volume = %self.name, "failed to checkpoint: {e:#}");
+            }
+        }
+    }
+
+    fn close(&self) -> Result<()> {
+        self.check_writable()?;
+        self.journal.flush().map_err(|cause| self.poison_with(cause))?;
+        self.checkpoint()
+    }
+}

@@ -1,0 +1,6 @@
+//! The engine's integration tests: one binary, one module per concern.
+
+mod crash;
+mod model;
+mod recovery;
+mod support;

@@ -1,0 +1,135 @@
+//! `keel daemon`: open the node's volumes and serve them over NBD until SIGTERM/SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use keel_engine::{Env, PosixEnv, Volume, VolumeOptions};
+use keel_net::{CancellationToken, Export, NbdServer};
+
+use crate::config::NodeConfig;
+use crate::export::VolumeExport;
+use crate::units::{format_duration, format_size, parse_size};
+
+/// Creates a volume in the node's data directory.
+pub fn create_volume(config: &NodeConfig, env: Arc<dyn Env>, name: &str, size: u64) -> Result<PathBuf> {
+    let dir = config.volumes_dir().join(name);
+    Volume::create(env, &dir, name, size, &VolumeOptions::default())?;
+    Ok(dir)
+}
+
+/// The volume directories under the node's data directory, sorted by name.
+pub fn volume_dirs(config: &NodeConfig) -> Result<Vec<PathBuf>> {
+    let dir = config.volumes_dir();
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("failed to list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(keel_engine::SUPERBLOCK_FILE).exists())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Opens every volume and serves them until a signal arrives, then closes them cleanly.
+pub fn run(config: &NodeConfig) -> Result<()> {
+    let backend = config.io_backend().map_err(anyhow::Error::msg)?;
+    let env: Arc<dyn Env> = Arc::new(PosixEnv::new(backend).context("failed to start the I/O backend")?);
+    tracing::info!(node = %config.node_name, backend = env.backend_name(), "starting");
+    std::fs::create_dir_all(config.volumes_dir())
+        .with_context(|| format!("failed to create {}", config.volumes_dir().display()))?;
+    for declared in &config.volumes {
+        let dir = config.volumes_dir().join(&declared.name);
+        if !dir.join(keel_engine::SUPERBLOCK_FILE).exists() {
+            let size = parse_size(&declared.size)?;
+            create_volume(config, env.clone(), &declared.name, size)?;
+            tracing::info!(volume = %declared.name, size = %format_size(size), "created volume");
+        }
+    }
+    let mut volumes = Vec::new();
+    for dir in volume_dirs(config)? {
+        match Volume::open(env.clone(), &dir, &config.open_options()) {
+            Ok((volume, report)) => {
+                tracing::info!(
+                    volume = %volume.name(),
+                    replayed_records = report.replayed_records,
+                    replayed = %format_size(report.replayed_bytes),
+                    last_seq = report.last_seq,
+                    took = %format_duration(report.duration),
+                    "opened volume"
+                );
+                if let Some(torn) = &report.torn_tail {
+                    tracing::warn!(volume = %volume.name(), "dropped a torn journal tail: {} bytes at segment {} offset {} (seq {}): {}", torn.bytes_dropped, torn.segment_no, torn.offset, torn.seq, torn.reason);
+                }
+                volumes.push(Arc::new(volume));
+            }
+            // A volume that fails recovery is not served, but the node serves the others.
+            Err(e) => tracing::error!(
+                "failed to open volume {}: {e:#}; it is not served until an operator acts",
+                dir.display()
+            ),
+        }
+    }
+    let exports: Vec<Arc<dyn Export>> =
+        volumes.iter().map(|v| Arc::new(VolumeExport::new(Arc::clone(v))) as Arc<dyn Export>).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keel-io")
+        .build()
+        .context("failed to start the async runtime")?;
+    let served = runtime.block_on(serve(config, exports));
+    // Every connection is gone: close the volumes (flush and checkpoint).
+    drop(runtime);
+    for volume in volumes {
+        let name = volume.name().to_string();
+        match Arc::try_unwrap(volume) {
+            Ok(volume) => match volume.close() {
+                Ok(()) => tracing::info!(volume = %name, "closed"),
+                Err(e) => tracing::error!(volume = %name, "failed to close: {e:#}"),
+            },
+            Err(_) => tracing::warn!(volume = %name, "still referenced at shutdown; closing when released"),
+        }
+    }
+    served
+}
+
+async fn serve(config: &NodeConfig, exports: Vec<Arc<dyn Export>>) -> Result<()> {
+    let server = NbdServer::new(exports)?;
+    let shutdown = CancellationToken::new();
+    if let Some(parent) = config.nbd_socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+    }
+    let unix = server.bind_unix(&config.nbd_socket).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(unix.serve(shutdown.clone()));
+    if let Some(addr) = config.nbd_tcp {
+        let tcp = server.bind_tcp(addr).await?;
+        tracing::info!("serving NBD on tcp {:?}", tcp.local_addr()?);
+        tasks.spawn(tcp.serve(shutdown.clone()));
+    }
+    tracing::info!(socket = %config.nbd_socket.display(), "ready: serving NBD");
+    wait_for_signal().await?;
+    tracing::info!("shutting down: finishing in-flight requests");
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = std::fs::remove_file(&config.nbd_socket);
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// A path made absolute against the current directory (for URIs printed to users).
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
