@@ -495,7 +495,12 @@ where
                     rejection.message
                 );
                 // A rejected WRITE still has its payload on the wire.
-                if let Err(e) = discard(reader, payload_len).await {
+                let discarded = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return ReaderEnd::Shutdown,
+                    discarded = discard(reader, payload_len) => discarded,
+                };
+                if let Err(e) = discarded {
                     return ReaderEnd::Failed(e);
                 }
                 let bytes = connection.transmission.encode_error(header.cookie, rejection.errno, rejection.message);

@@ -1,0 +1,122 @@
+//! The engine's journal, driven through the public `Volume` API on a real directory
+//! (`$KEEL_BENCH_DIR` or the temp dir; see `keel_benches::scratch_dir`).
+//!
+//! - `append`: `Volume::write` with `PersistMode::Buffered` (journal append + apply to the
+//!   block store's page cache, no sync) for 4 KiB, 64 KiB and 1 MiB writes, with the
+//!   background checkpointer on, so long runs include checkpoint pressure as the daemon
+//!   sees it.
+//! - `flush`: N threads each write 4 KiB then call `Volume::flush`; the time reported is
+//!   the mean time one `flush` call takes (measured inside each thread, averaged over the
+//!   threads), and the throughput is N flushes per iteration. With group commit, 16
+//!   flushers should cost about as much per call as 1.
+//!
+//! Both run for each I/O backend the kernel allows (`posix`, and `io_uring` when the kernel
+//! allows it). Run: `cargo bench -p keel-benches --bench engine_journal`.
+
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use keel_benches::{env, open_volume, pattern, scratch_dir};
+use keel_engine::{IoBackend, PersistMode};
+
+/// Sparse, so its size costs nothing; big enough that writes never wrap onto pages a
+/// checkpoint is still syncing within one measurement.
+const VOLUME_BYTES: u64 = 4 << 30;
+/// Writes cycle over this much of the volume.
+const WRITE_SPAN: u64 = 1 << 30;
+/// Named in benchmark ids as the engine names them (`Env::backend_name`).
+const BACKENDS: [IoBackend; 2] = [IoBackend::Posix, IoBackend::Uring];
+
+fn append(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine_journal");
+    for backend in BACKENDS {
+        let Some(env) = env(backend) else {
+            eprintln!("engine_journal/append: skipping backend {backend:?}: the kernel refuses it");
+            continue;
+        };
+        let backend_name = env.backend_name();
+        let dir = scratch_dir();
+        let volume = open_volume(env, dir.path(), VOLUME_BYTES);
+        for size in [4usize << 10, 64 << 10, 1 << 20] {
+            let data = pattern(size);
+            let mut offset = 0u64;
+            group.throughput(Throughput::Bytes(size as u64));
+            let id = BenchmarkId::new("append", format!("backend={backend_name}/persist=buffered/size={size}"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    let seq = volume.write(offset, &data, PersistMode::Buffered).expect("buffered write");
+                    offset = (offset + size as u64) % WRITE_SPAN;
+                    black_box(seq)
+                })
+            });
+        }
+        volume.close().expect("close the volume");
+    }
+    group.finish();
+}
+
+fn flush(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine_journal");
+    // Each iteration is milliseconds of fdatasync: flat sampling keeps the iteration count
+    // per sample constant instead of ramping up to hundreds.
+    group.sampling_mode(SamplingMode::Flat);
+    for backend in BACKENDS {
+        let Some(env) = env(backend) else {
+            eprintln!("engine_journal/flush: skipping backend {backend:?}: the kernel refuses it");
+            continue;
+        };
+        let backend_name = env.backend_name();
+        let dir = scratch_dir();
+        let volume = Arc::new(open_volume(env, dir.path(), VOLUME_BYTES));
+        let data = pattern(4096);
+        for flushers in [1usize, 4, 16] {
+            group.throughput(Throughput::Elements(flushers as u64));
+            let id = BenchmarkId::new("flush", format!("backend={backend_name}/flushers={flushers}/write=4096"));
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let start_together = Barrier::new(flushers);
+                    let spent: Duration = std::thread::scope(|s| {
+                        let threads: Vec<_> = (0..flushers)
+                            .map(|thread| {
+                                let (volume, data, start_together) = (&volume, &data, &start_together);
+                                s.spawn(move || {
+                                    // Each thread owns a 4 MiB window and walks it 4 KiB at a time.
+                                    let base = thread as u64 * (4 << 20);
+                                    start_together.wait();
+                                    let mut spent = Duration::ZERO;
+                                    for i in 0..iters {
+                                        let offset = base + (i % 1024) * 4096;
+                                        volume.write(offset, data, PersistMode::Buffered).expect("write");
+                                        let started = Instant::now();
+                                        black_box(volume.flush().expect("flush"));
+                                        spent += started.elapsed();
+                                    }
+                                    spent
+                                })
+                            })
+                            .collect();
+                        threads.into_iter().map(|t| t.join().expect("flusher thread")).sum()
+                    });
+                    spent / flushers as u32
+                })
+            });
+        }
+        // The scoped flusher threads are gone, so this is the last reference.
+        Arc::try_unwrap(volume).expect("no flusher holds the volume").close().expect("close the volume");
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    // Short runs for a 2-vCPU box (docs/benchmarks.md); raise for a quiet machine.
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .nresamples(10_000);
+    targets = append, flush
+}
+criterion_main!(benches);

@@ -1,0 +1,142 @@
+//! Zero loss under SIGKILL: a process that acknowledges writes is killed at a random
+//! moment; afterwards every write covered by an acknowledged FLUSH or FUA is present,
+//! byte for byte, and nothing holds data that was never written there.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_engine::{OpenOptions, PosixEnv, Volume, VolumeOptions};
+use keel_tests::daemon::{workspace_bin, Daemon};
+use keel_tests::nbd_client::NbdClient;
+use keel_tests::workload::{generate, verify, write_payload, Op, SECTOR};
+use rand::{Rng, SeedableRng};
+
+fn seeded(test: &str) -> (rand::rngs::StdRng, u64) {
+    let seed = std::env::var("KEEL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: KEEL_TEST_SEED={seed}");
+    (rand::rngs::StdRng::seed_from_u64(seed), seed)
+}
+
+/// A random pause that decides *where* between two acknowledgements the kill lands. It
+/// waits for nothing; the test's progress is driven by the acks it reads.
+fn random_moment(rng: &mut impl Rng) {
+    std::thread::sleep(Duration::from_micros(rng.gen_range(0..3000)));
+}
+
+#[test]
+fn engine_process_killed_at_random_loses_no_acknowledged_write() {
+    let (mut rng, seed) = seeded("engine_process_killed_at_random_loses_no_acknowledged_write");
+    const SIZE: u64 = 8 << 20;
+    const OPS: usize = 200_000;
+    for trial in 0..8 {
+        let trial_seed = seed.wrapping_add(trial);
+        let dir = tempfile::tempdir().unwrap();
+        let env = Arc::new(PosixEnv::posix());
+        // Small segments so trials cross segment rolls, slot reuse and checkpoints.
+        let options = VolumeOptions { segment_bytes: 1 << 20, segment_count_max: 4, ..VolumeOptions::default() };
+        Volume::create(env.clone(), dir.path(), "crash", SIZE, &options).unwrap();
+        let mut child = Command::new(workspace_bin("keel-crash-writer"))
+            .arg(dir.path())
+            .arg(trial_seed.to_string())
+            .arg(OPS.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let kill_after = rng.gen_range(1..200);
+        let mut acked = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(n) = line.strip_prefix("ack ") {
+                acked = n.parse().unwrap();
+                if acked >= kill_after {
+                    break;
+                }
+            }
+        }
+        random_moment(&mut rng);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Acks the child printed before it died count too: the client saw them.
+        for line in lines.map_while(Result::ok) {
+            if let Some(n) = line.strip_prefix("ack ") {
+                acked = n.parse().unwrap();
+            }
+        }
+        eprintln!("trial {trial}: killed after {acked} acknowledged ops");
+        let (volume, report) = Volume::open(env, dir.path(), &OpenOptions::default())
+            .unwrap_or_else(|e| panic!("trial {trial} (seed {trial_seed}): reopen failed: {e}"));
+        let mut contents = vec![0u8; SIZE as usize];
+        volume.read(0, &mut contents).unwrap();
+        let ops = generate(trial_seed, SIZE, OPS);
+        if let Err(violation) = verify(trial_seed, &ops, acked, OPS, &contents) {
+            panic!("trial {trial} (seed {trial_seed}), {acked} ops acknowledged, recovery {report:?}: {violation}");
+        }
+    }
+}
+
+#[test]
+fn daemon_killed_under_nbd_load_loses_no_acknowledged_write() {
+    let (mut rng, seed) = seeded("daemon_killed_under_nbd_load_loses_no_acknowledged_write");
+    const SIZE: u64 = 16 << 20;
+    const OPS: usize = 100_000;
+    let mut daemon = Daemon::start(&[("crash", "16MiB")]).unwrap();
+    for trial in 0..6u64 {
+        let trial_seed = seed.wrapping_add(trial);
+        let ops = Arc::new(generate(trial_seed, SIZE, OPS));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let mut client = NbdClient::connect(&daemon.socket(), "crash").unwrap();
+        // Start from a known state: zero the volume and make it durable.
+        client.write_zeroes(0, SIZE as u32).unwrap();
+        client.flush().unwrap();
+        let writer = {
+            let (ops, acked) = (ops.clone(), acked.clone());
+            std::thread::spawn(move || {
+                for (index, op) in ops.iter().enumerate() {
+                    let result = match *op {
+                        Op::Write { sector, sectors, fua } => client.write(
+                            sector * SECTOR,
+                            &write_payload(trial_seed, index as u64, sector, sectors),
+                            fua,
+                        ),
+                        Op::Zero { sector, sectors, trim: true } => {
+                            client.trim(sector * SECTOR, (sectors * SECTOR) as u32)
+                        }
+                        Op::Zero { sector, sectors, trim: false } => {
+                            client.write_zeroes(sector * SECTOR, (sectors * SECTOR) as u32)
+                        }
+                        Op::Flush => client.flush(),
+                    };
+                    if result.is_err() {
+                        return; // the daemon died under us
+                    }
+                    if op.is_barrier() {
+                        acked.store(index + 1, Ordering::SeqCst);
+                    }
+                }
+            })
+        };
+        let kill_after = rng.gen_range(1..150);
+        while acked.load(Ordering::SeqCst) < kill_after && !writer.is_finished() {
+            std::thread::yield_now();
+        }
+        random_moment(&mut rng);
+        daemon.kill9();
+        writer.join().unwrap();
+        let acked = acked.load(Ordering::SeqCst);
+        eprintln!("trial {trial}: daemon killed after {acked} acknowledged ops");
+        daemon.restart().unwrap();
+        let mut reader = NbdClient::connect(&daemon.socket(), "crash").unwrap();
+        let mut contents = vec![0u8; SIZE as usize];
+        for (i, chunk) in contents.chunks_mut(1 << 20).enumerate() {
+            reader.read((i as u64) << 20, chunk).unwrap();
+        }
+        if let Err(violation) = verify(trial_seed, &ops, acked, OPS, &contents) {
+            panic!("trial {trial} (seed {trial_seed}), {acked} ops acknowledged: {violation}\n{}", daemon.log());
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! A `keel daemon` process under a test's control, in its own temporary directory, killed
+//! (and its directory removed) when the handle drops, even if the test panics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Path of a binary built by this workspace (`keel`, `keel-inspect`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    // Test binaries live in target/<profile>/deps; the workspace's binaries one level up.
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first (tests/run does)", bin.display());
+    bin
+}
+
+/// A running (or stopped) node.
+#[derive(Debug)]
+pub struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes a config with `volumes` (name, size such as "64MiB") and starts the node.
+    pub fn start(volumes: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(volumes, "auto")
+    }
+
+    /// Like [`Daemon::start`] with an explicit I/O backend (`auto`, `posix`, `uring`).
+    pub fn start_with(volumes: &[(&str, &str)], io_backend: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("keel-test-").tempdir()?;
+        let mut config = format!(
+            "node_name = \"test\"\ndata_dir = \"{}\"\nnbd_socket = \"{}\"\nio_backend = \"{io_backend}\"\n",
+            dir.path().join("data").display(),
+            dir.path().join("nbd.sock").display(),
+        );
+        for (name, size) in volumes {
+            config.push_str(&format!("\n[[volume]]\nname = \"{name}\"\nsize = \"{size}\"\n"));
+        }
+        std::fs::write(dir.path().join("keel.toml"), config)?;
+        let mut daemon = Self { dir, child: None };
+        daemon.restart()?;
+        Ok(daemon)
+    }
+
+    /// The node's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The NBD socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("nbd.sock")
+    }
+
+    /// The config file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("keel.toml")
+    }
+
+    /// A volume's directory.
+    pub fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.dir.path().join("data/volumes").join(volume)
+    }
+
+    /// `nbd+unix:///VOLUME?socket=...`.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.socket().display())
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keel.log")).unwrap_or_default()
+    }
+
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the daemon (again) on the same directory and waits until it accepts NBD
+    /// connections.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("daemon already running");
+        }
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("keel.log"))?;
+        let child = Command::new(workspace_bin("keel"))
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.config())
+            .env("KEEL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn keel daemon")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
+                self.child = None;
+                bail!("keel daemon exited with {status} before it was ready:\n{}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                bail!("keel daemon not ready after {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, like a crash of the process (the page cache survives).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown. Returns whether it exited successfully.
+    pub fn stop(&mut self) -> Result<bool> {
+        let Some(mut child) = self.child.take() else { return Ok(true) };
+        // SAFETY: kill(2) only reads its arguments; the child is ours and not yet reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        Ok(child.wait()?.success())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
