@@ -52,6 +52,8 @@ pub(crate) struct ChangeMap {
     header: Mutex<ChangeMapHeader>,
     words: Vec<AtomicU64>,
     dirty_pages: Vec<AtomicBool>,
+    /// The bitmap as it is on disk (for the header's crc); only `persist` touches it.
+    persisted: Mutex<Vec<u64>>,
 }
 
 impl ChangeMap {
@@ -90,17 +92,29 @@ impl ChangeMap {
         let words: Vec<AtomicU64> = (0..word_count).map(|_| AtomicU64::new(0)).collect();
         let pages = word_count.div_ceil(WORDS_PER_PAGE);
         let dirty_pages = (0..pages).map(|_| AtomicBool::new(false)).collect();
-        let (header, state) = match loaded {
+        let loaded = match loaded {
             Ok(header) => {
                 let mut bytes = vec![0u8; word_count * 8];
                 file.read_at(&mut bytes, CHANGEMAP_HEADER_LEN as u64)?;
-                for (word, chunk) in words.iter().zip(bytes.chunks_exact(8)) {
-                    let mut le = [0u8; 8];
-                    le.copy_from_slice(chunk);
-                    word.store(u64::from_le_bytes(le), Ordering::Relaxed);
+                let crc = crc32fast::hash(&bytes);
+                if crc == header.bitmap_crc {
+                    for (word, chunk) in words.iter().zip(bytes.chunks_exact(8)) {
+                        let mut le = [0u8; 8];
+                        le.copy_from_slice(chunk);
+                        word.store(u64::from_le_bytes(le), Ordering::Relaxed);
+                    }
+                    Ok(header)
+                } else {
+                    Err(format!(
+                        "its bitmap checksum does not match (expected {:#010x}, got {crc:#010x})",
+                        header.bitmap_crc
+                    ))
                 }
-                (header, ChangeMapState::Trusted)
             }
+            Err(reason) => Err(reason),
+        };
+        let (header, state) = match loaded {
+            Ok(header) => (header, ChangeMapState::Trusted),
             Err(reason) => {
                 let header = ChangeMapHeader {
                     region_bytes,
@@ -108,11 +122,13 @@ impl ChangeMap {
                     generation: trusted_generation + 1,
                     base_seq: checkpoint_seq,
                     region_count,
+                    bitmap_crc: 0,
                 };
                 (header, ChangeMapState::Rebuilt { reason })
             }
         };
-        let map = Self { file, header: Mutex::new(header), words, dirty_pages };
+        let persisted = Mutex::new(words.iter().map(|w| w.load(Ordering::Relaxed)).collect());
+        let map = Self { file, header: Mutex::new(header), words, dirty_pages, persisted };
         if matches!(state, ChangeMapState::Rebuilt { .. }) {
             map.file.set_len(CHANGEMAP_HEADER_LEN as u64 + word_count as u64 * 8)?;
             map.dirty_pages.iter().for_each(|d| d.store(true, Ordering::Relaxed));
@@ -132,7 +148,9 @@ impl ChangeMap {
         let region_count = Self::region_count(size, region_bytes);
         let file = env.open(&dir.join(CHANGEMAP_FILE), OpenMode::CreateIfMissing)?;
         file.set_len(CHANGEMAP_HEADER_LEN as u64 + region_count.div_ceil(64) * 8)?;
-        let header = ChangeMapHeader { region_bytes, volume_id, generation: 1, base_seq: 0, region_count };
+        let bitmap_bytes = region_count.div_ceil(64) * 8;
+        let bitmap_crc = crc32fast::hash(&vec![0u8; bitmap_bytes as usize]);
+        let header = ChangeMapHeader { region_bytes, volume_id, generation: 1, base_seq: 0, region_count, bitmap_crc };
         file.write_at(&header.encode(), 0)?;
         file.sync()
     }
@@ -169,26 +187,43 @@ impl ChangeMap {
         }
     }
 
-    /// Writes the dirty bitmap pages and the header, then syncs.
+    /// Writes the dirty bitmap pages and then the header with the crc of the bitmap as
+    /// written, then syncs. A crash before the header lands leaves a crc mismatch, and the
+    /// map is rebuilt (conservatively) on the next open.
     pub(crate) fn persist(&self) -> io::Result<()> {
+        let mut persisted = self.persisted.lock();
         let mut page_bytes = Vec::with_capacity(4096);
         for (page, dirty) in self.dirty_pages.iter().enumerate() {
-            if !dirty.swap(false, Ordering::Acquire) {
+            // Clear the flag before reading the words: a bit set from here on marks the
+            // page dirty again, so it is never lost between two checkpoints.
+            if !dirty.swap(false, Ordering::AcqRel) {
                 continue;
             }
             let first = page * WORDS_PER_PAGE;
-            let words = self.words.get(first..(first + WORDS_PER_PAGE).min(self.words.len())).unwrap_or_default();
+            let end = (first + WORDS_PER_PAGE).min(self.words.len());
             page_bytes.clear();
-            for word in words {
-                page_bytes.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            for (index, word) in self.words.iter().enumerate().take(end).skip(first) {
+                let value = word.load(Ordering::Acquire);
+                if let Some(slot) = persisted.get_mut(index) {
+                    *slot = value;
+                }
+                page_bytes.extend_from_slice(&value.to_le_bytes());
             }
             let at = CHANGEMAP_HEADER_LEN as u64 + (first * 8) as u64;
             if let Err(e) = self.file.write_at(&page_bytes, at) {
-                dirty.store(true, Ordering::Relaxed);
+                dirty.store(true, Ordering::Release);
                 return Err(e);
             }
         }
-        let header = *self.header.lock();
+        let mut hasher = crc32fast::Hasher::new();
+        for word in persisted.iter() {
+            hasher.update(&word.to_le_bytes());
+        }
+        let header = {
+            let mut header = self.header.lock();
+            header.bitmap_crc = hasher.finalize();
+            *header
+        };
         self.file.write_at(&header.encode(), 0)?;
         self.file.sync()
     }

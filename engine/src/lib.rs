@@ -31,6 +31,7 @@ mod durable;
 mod error;
 pub mod format;
 mod journal;
+mod random;
 mod storage;
 mod sync;
 #[cfg(any(test, feature = "testing"))]
@@ -40,6 +41,9 @@ mod volume;
 pub use changemap::{ChangeMapState, ChangeSet};
 pub use durable::PersistMode;
 pub use error::{Error, Result};
-pub use journal::{list_segments, scan, JournalPosition, ScanEnd, ScannedRecord, SegmentInfo, TornTail};
+pub use journal::{list_segments, scan, JournalPosition, ScanEnd, ScanParams, ScannedRecord, SegmentInfo, TornTail};
 pub use storage::{Env, Extent, IoBackend, OpenMode, PosixEnv, Storage};
-pub use volume::{OpenOptions, RecoveryReport, Volume, VolumeOptions, VolumeStatus, MAX_VOLUME_BYTES, SUPERBLOCK_FILE};
+pub use volume::{
+    OpenOptions, RecoveryReport, Volume, VolumeOptions, VolumeStatus, MAX_VOLUME_BYTES, SNAPSHOT_NAME_MAX_BYTES,
+    SUPERBLOCK_FILE,
+};

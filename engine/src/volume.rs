@@ -4,7 +4,8 @@
 //! A write takes the journal lock, appends its record (seq-numbered), applies it to the
 //! block store's page cache and marks the change map, then releases the lock: the store
 //! always reflects a prefix of the journal, in journal order, and reads go straight to the
-//! store. Nothing is synced on this path; [`Volume::flush`] (and a durable write) syncs
+//! store (after a crash the store may also still hold effects of unacknowledged records
+//! that recovery dropped, which NBD allows). Nothing is synced on this path; [`Volume::flush`] (and a durable write) syncs
 //! the journal segments with group commit. Checkpoints sync the store and the change map,
 //! then move the superblock's checkpoint forward so older segments can be reused.
 //!
@@ -28,12 +29,14 @@ use crate::changemap::{ChangeMap, ChangeMapState, ChangeSet};
 use crate::durable::{durable_replace, PersistMode};
 use crate::error::{Error, Result};
 use crate::format::{RecordKind, Superblock, FLAG_MAY_PUNCH, NAME_MAX_BYTES, SUPERBLOCK_LEN};
-use crate::journal::{list_segments, scan, AppendError, Journal, ResumePoint, TornTail};
+use crate::journal::{list_segments, scan, AppendError, Journal, ResumePoint, ScanParams, TornTail};
 use crate::storage::{Env, Extent, OpenMode};
 
 /// File name of the superblock inside a volume directory.
 pub const SUPERBLOCK_FILE: &str = "volume.hdr";
 const LOCK_FILE: &str = "lock";
+/// Longest snapshot name, in bytes.
+pub const SNAPSHOT_NAME_MAX_BYTES: usize = 256;
 /// Largest volume this build creates (the format itself allows more).
 pub const MAX_VOLUME_BYTES: u64 = 256 << 40;
 
@@ -145,11 +148,21 @@ struct Inner {
     changemap: ChangeMap,
     max_payload: usize,
     poison: OnceLock<String>,
-    checkpoint_lock: Mutex<()>,
+    /// Held for a whole checkpoint; holds the last data seq a checkpoint covered.
+    checkpoint_lock: Mutex<u64>,
     checkpoint_pressure_bytes: u64,
     wake: Mutex<Wake>,
     wake_cond: Condvar,
     _lock: Box<dyn Any + Send + Sync>,
+}
+
+/// Whether a checkpoint with no new data records is skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckpointMode {
+    /// Skip when no data record arrived since the last checkpoint (the background timer).
+    IfChanged,
+    /// Always move the checkpoint to the writer's position (a full journal needs the room).
+    Always,
 }
 
 #[derive(Debug, Default)]
@@ -170,19 +183,6 @@ fn validate_name(name: &str) -> Result<()> {
             "invalid volume name {name:?}: use 1-{NAME_MAX_BYTES} characters from A-Z a-z 0-9 . _ -, not starting with . or -"
         )))
     }
-}
-
-fn random_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // SAFETY: getrandom writes at most `id.len()` bytes into the buffer it is given.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if n != id.len() as isize {
-        // Fall back to time and pid: ids only need to tell volumes apart.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        id[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
-        id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
-    }
-    id
 }
 
 impl Volume {
@@ -207,7 +207,7 @@ impl Volume {
             return Err(Error::InvalidArgument(format!("volume {name:?} already exists in {}", dir.display())));
         }
         env.create_dir_all(dir).map_err(io("create the volume directory"))?;
-        let volume_id = random_id();
+        let volume_id = crate::random::random_bytes::<16>();
         let superblock = Superblock {
             volume_id,
             block_size: 4096,
@@ -233,6 +233,10 @@ impl Volume {
         // The superblock is written last: a crash before this leaves no volume, not half of one.
         durable_replace(env.as_ref(), &dir.join(SUPERBLOCK_FILE), &superblock.encode())
             .map_err(io("write the superblock"))?;
+        // The volume directory's own entry must survive a power cut too.
+        if let Some(parent) = dir.parent() {
+            env.sync_dir(parent).map_err(io("sync the parent directory"))?;
+        }
         Ok(())
     }
 
@@ -296,40 +300,27 @@ impl Volume {
         }
         let segments = list_segments(env.as_ref(), dir, sb.volume_id).map_err(io("list the journal segments"))?;
         let region_bytes = u64::from(sb.change_region_bytes);
-        let end = scan(
-            env.as_ref(),
-            &name,
-            &segments,
-            sb.segment_bytes,
-            sb.checkpoint_segment,
-            sb.checkpoint_offset,
-            sb.checkpoint_seq + 1,
-            |record| {
-                let h = &record.header;
-                let data = matches!(h.kind, RecordKind::Write | RecordKind::Zero | RecordKind::Trim);
-                if data && h.offset.checked_add(h.length).is_none_or(|end| end > sb.size) {
-                    return Err(Error::Corruption {
-                        volume: name.clone(),
-                        file: segments.iter().find(|s| s.header.is_some_and(|x| x.segment_no == record.segment_no)).map(|s| s.path.clone()).unwrap_or_default(),
-                        detail: format!(
-                            "journal segment {} record at offset {}, seq {}: range {}+{} is outside the volume ({} bytes)",
-                            record.segment_no, record.file_offset, h.seq, h.offset, h.length, sb.size
-                        ),
-                    });
-                }
-                let applied = match h.kind {
-                    RecordKind::Write => store.write(h.offset, record.payload),
-                    RecordKind::Zero => store.zero(h.offset, h.length, h.flags & FLAG_MAY_PUNCH != 0),
-                    RecordKind::Trim => store.zero(h.offset, h.length, true),
-                    RecordKind::Barrier | RecordKind::Snapshot => Ok(()),
-                };
-                applied.map_err(io(&format!("replay record seq {}", h.seq)))?;
-                if data {
-                    changemap.mark(h.offset, h.length, region_bytes);
-                }
-                Ok(())
-            },
-        )?;
+        let params = ScanParams {
+            segment_bytes: sb.segment_bytes,
+            volume_size: sb.size,
+            start_segment: sb.checkpoint_segment,
+            start_offset: sb.checkpoint_offset,
+            start_seq: sb.checkpoint_seq + 1,
+        };
+        let end = scan(env.as_ref(), &name, &segments, params, |record| {
+            let h = &record.header;
+            let applied = match h.kind {
+                RecordKind::Write => store.write(h.offset, record.payload),
+                RecordKind::Zero => store.zero(h.offset, h.length, h.flags & FLAG_MAY_PUNCH != 0),
+                RecordKind::Trim => store.zero(h.offset, h.length, true),
+                RecordKind::Barrier | RecordKind::Snapshot => Ok(()),
+            };
+            applied.map_err(io(&format!("replay record seq {}", h.seq)))?;
+            if matches!(h.kind, RecordKind::Write | RecordKind::Zero | RecordKind::Trim) {
+                changemap.mark(h.offset, h.length, region_bytes);
+            }
+            Ok(())
+        })?;
         if let Some(torn) = &end.torn {
             tracing::warn!(
                 volume = %name,
@@ -349,6 +340,7 @@ impl Volume {
         end_file.sync().map_err(io("sync the journal tail"))?;
         let resume = ResumePoint {
             segment_no: end.segment_no,
+            nonce: end_info.header.map_or(0, |h| h.nonce),
             offset: end.offset,
             next_seq: end.next_seq,
             last_data_seq: end.last_data_seq,
@@ -395,7 +387,7 @@ impl Volume {
             changemap,
             max_payload,
             poison: OnceLock::new(),
-            checkpoint_lock: Mutex::new(()),
+            checkpoint_lock: Mutex::new(end.last_data_seq),
             checkpoint_pressure_bytes,
             wake: Mutex::new(Wake::default()),
             wake_cond: Condvar::new(),
@@ -497,6 +489,12 @@ impl Volume {
     /// Records a snapshot point in the journal and makes it durable; returns its seq.
     pub fn mark_snapshot(&self, name: &str) -> Result<u64> {
         let inner = &self.inner;
+        if name.is_empty() || name.len() > SNAPSHOT_NAME_MAX_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "volume {:?}: snapshot name must be 1-{SNAPSHOT_NAME_MAX_BYTES} bytes",
+                inner.name
+            )));
+        }
         inner.check_writable()?;
         let seq = inner.append(RecordKind::Snapshot, 0, 0, 0, name.as_bytes(), &|_| Ok(()))?;
         inner.journal.flush_to(seq).map_err(|cause| inner.poison_with(cause))?;
@@ -514,8 +512,9 @@ impl Volume {
         })
     }
 
-    /// Regions changed since `seq`, or [`Error::ChangeMapUnavailable`] when the change
-    /// map cannot answer (it was rebuilt after `seq`): scan everything then.
+    /// A superset of the regions changed since `seq` (every region changed since the map's
+    /// base seq), or [`Error::ChangeMapUnavailable`] when the map cannot answer (it was
+    /// rebuilt after `seq`): scan everything then.
     pub fn changed_since(&self, seq: u64) -> Result<ChangeSet> {
         let inner = &self.inner;
         inner.changemap.changed_since(seq).ok_or_else(|| Error::ChangeMapUnavailable {
@@ -527,7 +526,7 @@ impl Volume {
 
     /// Applies the journal to the block store durably and lets old segments be reused.
     pub fn checkpoint(&self) -> Result<()> {
-        self.inner.checkpoint()
+        self.inner.checkpoint(CheckpointMode::IfChanged)
     }
 
     /// Current counters.
@@ -625,7 +624,7 @@ impl Inner {
                     return Ok(seq);
                 }
                 // Backpressure: the writer waits for a checkpoint to free segments.
-                Err(AppendError::Full) => self.checkpoint()?,
+                Err(AppendError::Full) => self.checkpoint(CheckpointMode::Always)?,
                 Err(AppendError::Io(context, e)) => return Err(self.poison_with(format!("failed to {context}: {e}"))),
             }
         }
@@ -638,10 +637,14 @@ impl Inner {
         Ok(seq)
     }
 
-    fn checkpoint(&self) -> Result<()> {
+    fn checkpoint(&self, mode: CheckpointMode) -> Result<()> {
         self.check_writable()?;
-        let _only_one = self.checkpoint_lock.lock();
+        let mut checkpointed_data_seq = self.checkpoint_lock.lock();
         let (position, bytes) = self.journal.checkpoint_snapshot();
+        // Only barriers since the last checkpoint (flushes append them): nothing to apply.
+        if mode == CheckpointMode::IfChanged && position.last_data_seq == *checkpointed_data_seq {
+            return Ok(());
+        }
         if position.last_seq == self.superblock.lock().checkpoint_seq {
             return Ok(());
         }
@@ -659,6 +662,7 @@ impl Inner {
         durable_replace(self.env.as_ref(), &self.dir.join(SUPERBLOCK_FILE), &encoded)
             .map_err(|e| fail("write the superblock", e))?;
         self.journal.checkpointed(position, bytes);
+        *checkpointed_data_seq = position.last_data_seq;
         tracing::debug!(volume = %self.name, seq = position.last_seq, "checkpoint");
         Ok(())
     }
@@ -684,7 +688,7 @@ impl Inner {
             if self.poison.get().is_some() {
                 continue;
             }
-            if let Err(e) = self.checkpoint() {
+            if let Err(e) = self.checkpoint(CheckpointMode::IfChanged) {
                 tracing::error!(volume = %self.name, "failed to checkpoint: {e:#}");
             }
         }
@@ -693,6 +697,6 @@ impl Inner {
     fn close(&self) -> Result<()> {
         self.check_writable()?;
         self.journal.flush().map_err(|cause| self.poison_with(cause))?;
-        self.checkpoint()
+        self.checkpoint(CheckpointMode::IfChanged)
     }
 }

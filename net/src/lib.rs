@@ -53,6 +53,9 @@ mod error;
 mod nbd;
 
 pub use error::Error;
+/// Fuzzing entry points (feature `fuzzing`, for tests/fuzz only): not a stable API.
+#[cfg(feature = "fuzzing")]
+pub use nbd::fuzzing;
 pub use nbd::{
     Export, ExportError, ExportErrorKind, ListenAddr, NbdListener, NbdServer, BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED,
     PAYLOAD_MAX,

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests in `tests/it/`: a `keel daemon` under test
-//! control, a small blocking NBD client, and a deterministic, self-verifying workload for
-//! crash trials.
+//! control, a small blocking NBD client, a deterministic, self-verifying workload for
+//! crash trials, external commands with deadlines, and the nbdfuse + loop + ext4 stack.
 
+pub mod cmd;
 pub mod daemon;
+pub mod mount;
 pub mod nbd_client;
 pub mod workload;

@@ -33,8 +33,31 @@ pub fn volume_dirs(config: &NodeConfig) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// Most threads blocked in volume calls at once (reads, writes, flushes).
+const BLOCKING_THREADS_MAX: usize = 128;
+
+/// Marks this process as one that writes back other processes' dirty pages (it serves the
+/// block device their filesystem sits on), so memory reclaim does not wait on it while it
+/// waits on reclaim: the same-host deadlock FUSE and NBD daemons are prone to.
+fn mark_io_flusher() {
+    /// From linux/prctl.h (Linux 5.6); the libc crate does not name it.
+    const PR_SET_IO_FLUSHER: libc::c_int = 57;
+    // SAFETY: prctl(PR_SET_IO_FLUSHER, ...) only reads its integer arguments, passed as the
+    // unsigned longs the kernel reads (varargs do not widen ints).
+    let rc = unsafe {
+        libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+    };
+    if rc != 0 {
+        tracing::info!(
+            "PR_SET_IO_FLUSHER not set ({}); same-host mounts may deadlock under memory pressure",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Opens every volume and serves them until a signal arrives, then closes them cleanly.
 pub fn run(config: &NodeConfig) -> Result<()> {
+    mark_io_flusher();
     let backend = config.io_backend().map_err(anyhow::Error::msg)?;
     let env: Arc<dyn Env> = Arc::new(PosixEnv::new(backend).context("failed to start the I/O backend")?);
     tracing::info!(node = %config.node_name, backend = env.backend_name(), "starting");
@@ -77,6 +100,9 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keel-io")
+        // Volume calls run on the blocking pool; each NBD connection already bounds its own
+        // requests in flight, and this bounds the threads they can occupy in total.
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
         .build()
         .context("failed to start the async runtime")?;
     let served = runtime.block_on(serve(config, exports));

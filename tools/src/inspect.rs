@@ -45,7 +45,7 @@ pub fn volume(dir: &Path, as_json: bool) -> Result<()> {
             },
             "change_map": changemap.as_ref().map(|(h, changed)| json!({
                 "generation": h.generation,
-                "trusted": h.generation == sb.changemap_generation,
+                "trusted": h.generation == sb.changemap_generation && h.volume_id == sb.volume_id,
                 "base_seq": h.base_seq,
                 "region_bytes": h.region_bytes,
                 "regions": h.region_count,
@@ -94,6 +94,8 @@ pub fn volume(dir: &Path, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The change map's header and number of changed regions; an error when the map is
+/// unreadable or its bitmap does not match the header's checksum.
 fn read_changemap(env: &dyn Env, dir: &Path) -> Result<(ChangeMapHeader, u64), String> {
     let file = env.open(&dir.join("changemap.bin"), OpenMode::Existing).map_err(|e| e.to_string())?;
     let mut block = vec![0u8; CHANGEMAP_HEADER_LEN];
@@ -101,6 +103,10 @@ fn read_changemap(env: &dyn Env, dir: &Path) -> Result<(ChangeMapHeader, u64), S
     let header = ChangeMapHeader::decode(&block).map_err(|e| e.to_string())?;
     let mut bits = vec![0u8; header.region_count.div_ceil(64) as usize * 8];
     file.read_at(&mut bits, CHANGEMAP_HEADER_LEN as u64).map_err(|e| e.to_string())?;
+    let crc = crc32fast::hash(&bits);
+    if crc != header.bitmap_crc {
+        return Err(format!("bitmap checksum mismatch (expected {:#010x}, got {crc:#010x})", header.bitmap_crc));
+    }
     let changed = bits.iter().map(|b| u64::from(b.count_ones())).sum();
     Ok((header, changed))
 }
@@ -134,22 +140,28 @@ pub fn journal(dir: &Path, all: bool, verify: bool, limit: usize, as_json: bool)
     };
     let mut rows = Vec::new();
     let mut total = 0u64;
-    let outcome =
-        scan(env.as_ref(), &sb.name, &segments, sb.segment_bytes, start_segment, start_offset, start_seq, |r| {
-            total += 1;
-            if rows.len() < limit {
-                rows.push(RecordRow {
-                    seq: r.header.seq,
-                    kind: r.header.kind.name(),
-                    epoch: r.header.epoch,
-                    offset: r.header.offset,
-                    length: r.header.length,
-                    segment: r.segment_no,
-                    file_offset: r.file_offset,
-                });
-            }
-            Ok(())
-        });
+    let params = keel_engine::ScanParams {
+        segment_bytes: sb.segment_bytes,
+        volume_size: sb.size,
+        start_segment,
+        start_offset,
+        start_seq,
+    };
+    let outcome = scan(env.as_ref(), &sb.name, &segments, params, |r| {
+        total += 1;
+        if rows.len() < limit {
+            rows.push(RecordRow {
+                seq: r.header.seq,
+                kind: r.header.kind.name(),
+                epoch: r.header.epoch,
+                offset: r.header.offset,
+                length: r.header.length,
+                segment: r.segment_no,
+                file_offset: r.file_offset,
+            });
+        }
+        Ok(())
+    });
     let verdict = match &outcome {
         Ok(end) => match &end.torn {
             Some(t) => format!(
@@ -198,8 +210,8 @@ pub fn journal(dir: &Path, all: bool, verify: bool, limit: usize, as_json: bool)
     Ok(outcome.is_ok())
 }
 
-/// The oldest retained segment that chains (by number and first seq) up to the
-/// checkpoint segment.
+/// The oldest retained segment in an unbroken run of segment numbers ending at the
+/// checkpoint segment (the scan then checks that first seqs chain).
 fn oldest_start(segments: &[keel_engine::SegmentInfo], checkpoint_segment: u64) -> Option<(u64, u64, u64)> {
     let mut no = checkpoint_segment;
     let mut found = None;

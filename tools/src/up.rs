@@ -134,7 +134,7 @@ fn wait_ready(socket: &Path, child: &mut Child, timeout: Duration) -> Result<()>
         if let Some(status) = child.try_wait()? {
             bail!("keel daemon exited with {status}");
         }
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if answers_nbd(socket) {
             return Ok(());
         }
         if started.elapsed() > timeout {
@@ -178,4 +178,27 @@ fn wait_for_stop(child: &mut Child) -> Result<()> {
     let status = child.wait()?;
     println!("node1 stopped ({status}).");
     Ok(())
+}
+
+/// True when an NBD server on `socket` completes the start of a handshake. The probe then
+/// leaves politely with `NBD_OPT_ABORT`, so the server logs nothing alarming.
+fn answers_nbd(socket: &Path) -> bool {
+    use std::io::{Read, Write};
+    let probe = || -> std::io::Result<bool> {
+        let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut greeting = [0u8; 18];
+        stream.read_exact(&mut greeting)?;
+        let ok = greeting[..8] == *b"NBDMAGIC" && greeting[8..16] == *b"IHAVEOPT";
+        stream.write_all(&3u32.to_be_bytes())?; // fixed newstyle, no zeroes
+        let mut abort = Vec::with_capacity(16);
+        abort.extend_from_slice(b"IHAVEOPT");
+        abort.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
+        abort.extend_from_slice(&0u32.to_be_bytes());
+        stream.write_all(&abort)?;
+        let mut ack = [0u8; 20];
+        let _ = stream.read_exact(&mut ack);
+        Ok(ok)
+    };
+    probe().unwrap_or(false)
 }

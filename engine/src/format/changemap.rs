@@ -4,7 +4,7 @@ use super::{check_fixed, FormatError, Reader, Writer};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"KEELCMAP");
 const VERSION: u16 = 1;
-const CRC_AT: usize = 8 + 2 + 2 + 4 + 16 + 8 + 8 + 8;
+const CRC_AT: usize = 8 + 2 + 2 + 4 + 16 + 8 + 8 + 8 + 4 + 4;
 /// The header occupies one 4 KiB block; the bitmap follows.
 pub const CHANGEMAP_HEADER_LEN: usize = 4096;
 const _: () = assert!(CRC_AT + 4 <= CHANGEMAP_HEADER_LEN);
@@ -23,6 +23,8 @@ pub struct ChangeMapHeader {
     pub base_seq: u64,
     /// Number of regions (bits).
     pub region_count: u64,
+    /// crc32 of the bitmap as last persisted with this header.
+    pub bitmap_crc: u32,
 }
 
 impl ChangeMapHeader {
@@ -41,6 +43,8 @@ impl ChangeMapHeader {
         w.u64(self.generation);
         w.u64(self.base_seq);
         w.u64(self.region_count);
+        w.u32(self.bitmap_crc);
+        w.u32(0);
         assert_eq!(w.position(), CRC_AT);
         let crc = crc32fast::hash(&bytes[..CRC_AT]);
         bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
@@ -57,6 +61,7 @@ impl ChangeMapHeader {
             generation: r.u64()?,
             base_seq: r.u64()?,
             region_count: r.u64()?,
+            bitmap_crc: r.u32()?,
         };
         if !header.region_bytes.is_power_of_two() || header.region_bytes < 4096 {
             return Err(FormatError::InvalidField { field: "region_bytes", detail: header.region_bytes.to_string() });

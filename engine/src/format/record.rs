@@ -74,7 +74,7 @@ pub struct RecordHeader {
     pub length: u64,
     /// Bytes of payload after the header.
     pub payload_len: u32,
-    /// crc32 over the header (without this field) and the payload.
+    /// crc32 over the segment nonce, the header (without this field) and the payload.
     pub crc: u32,
 }
 
@@ -86,7 +86,9 @@ impl RecordHeader {
 
     /// Encodes this header (its `payload_len` and `crc` are ignored and recomputed) and
     /// `payload` into `out`, which is cleared first and zero-padded to [`RECORD_ALIGN`].
-    pub fn encode_into(&self, payload: &[u8], out: &mut Vec<u8>) {
+    /// `nonce` is the segment's (see [`SegmentHeader`](super::SegmentHeader)): the crc
+    /// covers it, so the record only validates in this use of its slot.
+    pub fn encode_into(&self, payload: &[u8], nonce: u64, out: &mut Vec<u8>) {
         out.clear();
         out.resize(Self::encoded_len(payload.len()), 0);
         let payload_len = u32::try_from(payload.len()).expect("payload bounded by segment size");
@@ -103,6 +105,7 @@ impl RecordHeader {
         assert_eq!(w.position(), CRC_AT);
         out[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(payload);
         let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&nonce.to_le_bytes());
         hasher.update(&out[..CRC_AT]);
         hasher.update(payload);
         let crc = hasher.finalize();
@@ -157,11 +160,12 @@ impl RecordHeader {
         Ok(header)
     }
 
-    /// Checks the crc against the header bytes and the payload.
-    pub fn verify(&self, header_bytes: &[u8], payload: &[u8]) -> Result<(), FormatError> {
+    /// Checks the crc against the segment's nonce, the header bytes and the payload.
+    pub fn verify(&self, header_bytes: &[u8], payload: &[u8], nonce: u64) -> Result<(), FormatError> {
         let covered =
             header_bytes.get(..CRC_AT).ok_or(FormatError::Truncated { need: CRC_AT, have: header_bytes.len() })?;
         let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&nonce.to_le_bytes());
         hasher.update(covered);
         hasher.update(payload);
         let got = hasher.finalize();

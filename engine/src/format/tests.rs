@@ -43,44 +43,53 @@ fn every_single_bit_flip_in_the_superblock_is_detected() {
 fn record_round_trips_and_detects_payload_corruption() {
     let payload = vec![0xabu8; 4096];
     let mut out = Vec::new();
-    RecordHeader::new(RecordKind::Write, 0, 9, 1, 8192, 4096).encode_into(&payload, &mut out);
+    RecordHeader::new(RecordKind::Write, 0, 9, 1, 8192, 4096).encode_into(&payload, 42, &mut out);
     assert_eq!(out.len(), RecordHeader::encoded_len(4096));
     let header = RecordHeader::decode(&out).unwrap();
     assert_eq!(header.seq, 9);
     assert_eq!(header.offset, 8192);
     assert_eq!(header.payload_len, 4096);
     let body = &out[RECORD_HEADER_LEN..RECORD_HEADER_LEN + 4096];
-    assert_eq!(header.verify(&out, body), Ok(()));
+    assert_eq!(header.verify(&out, body, 42), Ok(()));
+    // The same bytes in another use of the slot (another nonce) do not validate.
+    assert!(header.verify(&out, body, 43).is_err());
     let mut bad = body.to_vec();
     bad[100] ^= 0x10;
-    assert!(matches!(header.verify(&out, &bad), Err(FormatError::ChecksumMismatch { .. })));
+    assert!(matches!(header.verify(&out, &bad, 42), Err(FormatError::ChecksumMismatch { .. })));
 }
 
 #[test]
 fn record_with_inconsistent_payload_length_is_rejected() {
     let mut out = Vec::new();
-    RecordHeader::new(RecordKind::Trim, 0, 1, 1, 0, 4096).encode_into(&[1, 2, 3], &mut out);
+    RecordHeader::new(RecordKind::Trim, 0, 1, 1, 0, 4096).encode_into(&[1, 2, 3], 0, &mut out);
     assert!(matches!(RecordHeader::decode(&out), Err(FormatError::InvalidField { field: "payload_len", .. })));
 }
 
 #[test]
 fn segment_and_changemap_headers_round_trip() {
-    let seg = SegmentHeader { segment_no: 4, first_seq: 100, epoch: 2, volume_id: [1; 16] };
+    let seg = SegmentHeader { segment_no: 4, first_seq: 100, epoch: 2, volume_id: [1; 16], nonce: 99 };
     assert_eq!(SegmentHeader::decode(&seg.encode()), Ok(seg));
-    let cm =
-        ChangeMapHeader { region_bytes: 65536, volume_id: [2; 16], generation: 3, base_seq: 77, region_count: 1000 };
+    let cm = ChangeMapHeader {
+        region_bytes: 65536,
+        volume_id: [2; 16],
+        generation: 3,
+        base_seq: 77,
+        region_count: 1000,
+        bitmap_crc: 0xdead_beef,
+    };
     assert_eq!(ChangeMapHeader::decode(&cm.encode()), Ok(cm));
 }
 
 proptest! {
     #[test]
-    fn decoders_are_total(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
+    fn decoders_are_total(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
         let _ = Superblock::decode(&bytes);
         let _ = SegmentHeader::decode(&bytes);
         let _ = ChangeMapHeader::decode(&bytes);
         if let Ok(header) = RecordHeader::decode(&bytes) {
-            let _ = header.verify(&bytes, bytes.get(RECORD_HEADER_LEN..).unwrap_or_default());
+            let _ = header.verify(&bytes, bytes.get(RECORD_HEADER_LEN..).unwrap_or_default(), 0);
         }
+        let _ = SegmentHeader::decode_slot(&bytes, [0; 16]);
     }
 
     #[test]
@@ -91,4 +100,28 @@ proptest! {
         }
         let _ = Superblock::decode(&bytes);
     }
+}
+
+#[test]
+fn slot_header_copies_survive_one_damaged_copy() {
+    let id = [5; 16];
+    let old = SegmentHeader { segment_no: 3, first_seq: 10, epoch: 1, volume_id: id, nonce: 1 };
+    let new = SegmentHeader { segment_no: 7, first_seq: 90, epoch: 1, volume_id: id, nonce: 2 };
+    let area = |a: &[u8], b: &[u8]| [a, b].concat();
+    let zeros = vec![0u8; SEGMENT_HEADER_COPY_LEN];
+    let mut torn = new.encode();
+    torn[20] ^= 1;
+    // Both valid: the newer wins (a roll wrote A, crashed before B).
+    assert_eq!(SegmentHeader::decode_slot(&area(&new.encode(), &old.encode()), id), SlotState::Segment(new));
+    // One torn copy: the other wins.
+    assert_eq!(SegmentHeader::decode_slot(&area(&torn, &old.encode()), id), SlotState::Segment(old));
+    assert_eq!(SegmentHeader::decode_slot(&area(&new.encode(), &torn), id), SlotState::Segment(new));
+    // A first header write or an erase interrupted: B is zeros.
+    assert_eq!(SegmentHeader::decode_slot(&area(&torn, &zeros), id), SlotState::Free);
+    assert_eq!(SegmentHeader::decode_slot(&area(&zeros, &zeros), id), SlotState::Free);
+    // Both damaged: no crash does that.
+    assert!(matches!(SegmentHeader::decode_slot(&area(&torn, &torn), id), SlotState::Damaged(_)));
+    // Another volume's header is not ours.
+    let foreign = SegmentHeader { volume_id: [6; 16], ..new };
+    assert_eq!(SegmentHeader::decode_slot(&area(&foreign.encode(), &zeros), id), SlotState::Free);
 }

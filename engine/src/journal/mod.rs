@@ -17,11 +17,12 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::format::{RecordHeader, RecordKind, SegmentHeader, SEGMENT_HEADER_LEN};
+use crate::format::{RecordHeader, RecordKind, SegmentHeader, SEGMENT_HEADER_COPY_LEN, SEGMENT_HEADER_LEN};
+use crate::random::random_u64;
 use crate::storage::{Env, OpenMode, Storage};
 
 pub(crate) use group_commit::DurableTracker;
-pub use scan::{list_segments, scan, ScanEnd, ScannedRecord, SegmentInfo, TornTail};
+pub use scan::{list_segments, scan, ScanEnd, ScanParams, ScannedRecord, SegmentInfo, TornTail};
 
 /// Directory of the segment files inside a volume directory.
 pub(crate) const JOURNAL_DIR: &str = "journal";
@@ -40,6 +41,8 @@ pub struct JournalPosition {
     pub offset: u64,
     /// Sequence number of the last appended record (0 when none).
     pub last_seq: u64,
+    /// Sequence number of the last record that changed data (not a barrier or marker).
+    pub last_data_seq: u64,
 }
 
 /// Why an append could not proceed.
@@ -68,6 +71,8 @@ struct Writer {
     /// Highest seq of a record that changes data (not a barrier or snapshot marker).
     last_data_seq: u64,
     epoch: u64,
+    /// The active segment's nonce, which every record's crc starts with.
+    nonce: u64,
     /// Segments written since the last sync other than the active one.
     unsynced: Vec<Arc<dyn Storage>>,
     /// Slots whose segment number is below this hold only checkpointed records.
@@ -92,6 +97,7 @@ pub(crate) struct Journal {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ResumePoint {
     pub(crate) segment_no: u64,
+    pub(crate) nonce: u64,
     pub(crate) offset: u64,
     pub(crate) next_seq: u64,
     pub(crate) last_data_seq: u64,
@@ -111,9 +117,8 @@ impl Journal {
         let dir = volume_dir.join(JOURNAL_DIR);
         env.create_dir_all(&dir)?;
         let file = new_slot_file(env.as_ref(), &slot_path(&dir, 0), segment_bytes)?;
-        let header = SegmentHeader { segment_no: 1, first_seq: 1, epoch, volume_id };
-        file.write_at(&header.encode(), 0)?;
-        file.sync()?;
+        let header = SegmentHeader { segment_no: 1, first_seq: 1, epoch, volume_id, nonce: random_u64() };
+        write_slot_header(file.as_ref(), &header)?;
         env.sync_dir(&dir)
     }
 
@@ -142,8 +147,7 @@ impl Journal {
             if info.header.is_some() && segment_no.is_none() {
                 // A segment beyond the end of the recovered journal: erase its header so
                 // no later recovery can mistake its records for a continuation.
-                file.write_at(&[0u8; SEGMENT_HEADER_LEN], 0)?;
-                file.sync()?;
+                erase_slot_header(file.as_ref())?;
             }
             slots.push(Slot { file, segment_no });
         }
@@ -167,6 +171,7 @@ impl Journal {
                 next_seq: resume.next_seq,
                 last_data_seq: resume.last_data_seq,
                 epoch: resume.epoch,
+                nonce: resume.nonce,
                 unsynced: Vec::new(),
                 checkpoint_segment_no: resume.checkpoint_segment_no,
                 bytes_since_checkpoint: 0,
@@ -203,7 +208,7 @@ impl Journal {
         let seq = w.next_seq;
         let header = RecordHeader::new(kind, flags, seq, w.epoch, offset, length);
         let mut scratch = std::mem::take(&mut w.scratch);
-        header.encode_into(payload, &mut scratch);
+        header.encode_into(payload, w.nonce, &mut scratch);
         let file = Arc::clone(&w.slots[w.active].file);
         let at = w.offset;
         let written = file.write_at(&scratch, at);
@@ -240,14 +245,17 @@ impl Journal {
             None => return Err(AppendError::Full),
         };
         let segment_no = w.segment_no + 1;
-        let header = SegmentHeader { segment_no, first_seq: w.next_seq, epoch: w.epoch, volume_id: self.volume_id };
+        let nonce = random_u64();
+        let header =
+            SegmentHeader { segment_no, first_seq: w.next_seq, epoch: w.epoch, volume_id: self.volume_id, nonce };
         let file = Arc::clone(&w.slots[index].file);
-        file.write_at(&header.encode(), 0).map_err(|e| io("write the header", e))?;
+        write_slot_header(file.as_ref(), &header).map_err(|e| io("write the header", e))?;
         let old = Arc::clone(&w.slots[w.active].file);
         w.unsynced.push(old);
         w.slots[index].segment_no = Some(segment_no);
         w.active = index;
         w.segment_no = segment_no;
+        w.nonce = nonce;
         w.offset = SEGMENT_HEADER_LEN as u64;
         Ok(())
     }
@@ -297,7 +305,12 @@ impl Journal {
     /// read together.
     pub(crate) fn checkpoint_snapshot(&self) -> (JournalPosition, u64) {
         let w = self.writer.lock();
-        let position = JournalPosition { segment_no: w.segment_no, offset: w.offset, last_seq: w.next_seq - 1 };
+        let position = JournalPosition {
+            segment_no: w.segment_no,
+            offset: w.offset,
+            last_seq: w.next_seq - 1,
+            last_data_seq: w.last_data_seq,
+        };
         (position, w.bytes_since_checkpoint)
     }
 
@@ -329,4 +342,25 @@ fn new_slot_file(env: &dyn Env, path: &Path, segment_bytes: u64) -> std::io::Res
     file.allocate(0, segment_bytes)?;
     file.sync()?;
     Ok(file)
+}
+
+/// Writes both header copies of a slot, A then B, each synced before the next step, so a
+/// crash leaves at least one readable copy (see `SegmentHeader::decode_slot`). Syncing here
+/// also means a header is durable before any record in its segment can be acknowledged.
+fn write_slot_header(file: &dyn Storage, header: &SegmentHeader) -> std::io::Result<()> {
+    let copy = header.encode();
+    file.write_at(&copy, 0)?;
+    file.sync()?;
+    file.write_at(&copy, SEGMENT_HEADER_COPY_LEN as u64)?;
+    file.sync()
+}
+
+/// Erases both header copies, B then A, each synced: a crash in between leaves either the
+/// old header (erased again by the next recovery) or a free slot.
+fn erase_slot_header(file: &dyn Storage) -> std::io::Result<()> {
+    let zeros = [0u8; SEGMENT_HEADER_COPY_LEN];
+    file.write_at(&zeros, SEGMENT_HEADER_COPY_LEN as u64)?;
+    file.sync()?;
+    file.write_at(&zeros, 0)?;
+    file.sync()
 }

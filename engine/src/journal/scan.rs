@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    RecordHeader, RecordKind, SegmentHeader, RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN,
+    RecordHeader, RecordKind, SegmentHeader, SlotState, RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_MAGIC,
+    SEGMENT_HEADER_LEN,
 };
 use crate::storage::{Env, OpenMode, Storage};
 
@@ -37,8 +38,10 @@ pub struct SegmentInfo {
     pub path: PathBuf,
     /// The decoded header, or `None` for a free or unreadable slot.
     pub header: Option<SegmentHeader>,
-    /// Why the header did not decode, for inspection output.
+    /// Why the slot holds no segment ("free" or the damage), for inspection output.
     pub header_error: Option<String>,
+    /// Both header copies are unreadable: media damage, never a crash outcome.
+    pub damaged: bool,
 }
 
 /// Lists the volume's segment slots in slot order.
@@ -60,15 +63,14 @@ pub fn list_segments(env: &dyn Env, volume_dir: &Path, volume_id: [u8; 16]) -> s
     for index in 0..count {
         let path = slot_path(&dir, index);
         let file = env.open(&path, OpenMode::Existing)?;
-        let mut block = vec![0u8; SEGMENT_HEADER_LEN];
-        file.read_at(&mut block, 0)?;
-        let (header, header_error) = match SegmentHeader::decode(&block) {
-            Ok(h) if h.volume_id == volume_id => (Some(h), None),
-            Ok(_) => (None, Some("belongs to another volume".to_string())),
-            Err(_) if block.iter().all(|&b| b == 0) => (None, Some("free".to_string())),
-            Err(e) => (None, Some(e.to_string())),
+        let mut area = vec![0u8; SEGMENT_HEADER_LEN];
+        file.read_at(&mut area, 0)?;
+        let (header, header_error, damaged) = match SegmentHeader::decode_slot(&area, volume_id) {
+            SlotState::Segment(h) => (Some(h), None, false),
+            SlotState::Free => (None, Some("free".to_string()), false),
+            SlotState::Damaged(why) => (None, Some(why), true),
         };
-        segments.push(SegmentInfo { index, path, header, header_error });
+        segments.push(SegmentInfo { index, path, header, header_error, damaged });
     }
     Ok(segments)
 }
@@ -135,7 +137,7 @@ enum Stop {
     Bad(String, u64),
 }
 
-fn parse_at(bytes: &[u8], pos: usize, expected_seq: u64) -> Parsed<'_> {
+fn parse_at(bytes: &[u8], pos: usize, expected_seq: u64, nonce: u64) -> Parsed<'_> {
     let Some(head) = bytes.get(pos..pos + RECORD_HEADER_LEN) else {
         return Parsed::Stop(Stop::End("no room for another record"));
     };
@@ -157,11 +159,15 @@ fn parse_at(bytes: &[u8], pos: usize, expected_seq: u64) -> Parsed<'_> {
             (bytes.len() - pos) as u64,
         ));
     };
-    if let Err(e) = header.verify(head, payload) {
-        return Parsed::Stop(Stop::Bad(format!("seq {}: {e}", header.seq), total as u64));
+    if let Err(e) = header.verify(head, payload, nonce) {
+        if header.seq == expected_seq {
+            return Parsed::Stop(Stop::Bad(format!("seq {}: {e}", header.seq), total as u64));
+        }
+        // A record from an earlier use of the slot (its crc started with another nonce).
+        return Parsed::Stop(Stop::End("stale record from an earlier use of the slot"));
     }
     if header.seq < expected_seq {
-        return Parsed::Stop(Stop::End("stale record from an earlier use of the slot"));
+        return Parsed::Stop(Stop::End("stale record"));
     }
     if header.seq > expected_seq {
         return Parsed::Stop(Stop::Bad(format!("sequence gap: found seq {}", header.seq), total as u64));
@@ -169,15 +175,20 @@ fn parse_at(bytes: &[u8], pos: usize, expected_seq: u64) -> Parsed<'_> {
     Parsed::Valid(header, payload)
 }
 
-/// True when a valid barrier in `bytes` (from `from`) proves that every record up to and
-/// including `seq` was durable.
-fn barrier_proves(bytes: &[u8], from: usize, seq: u64) -> bool {
+/// True when a valid barrier of this use of the segment (crc with `nonce`), written after
+/// `seq`, in `bytes` from `from` proves that every record up to and including `seq` was
+/// durable.
+fn barrier_proves(bytes: &[u8], from: usize, seq: u64, nonce: u64) -> bool {
     let mut pos = from.next_multiple_of(RECORD_ALIGN);
     while pos + RECORD_HEADER_LEN <= bytes.len() {
         if bytes.get(pos..pos + 4) == Some(&RECORD_MAGIC[..]) {
             if let Some(head) = bytes.get(pos..pos + RECORD_HEADER_LEN) {
                 if let Ok(h) = RecordHeader::decode(head) {
-                    if h.kind == RecordKind::Barrier && h.offset >= seq && h.verify(head, &[]).is_ok() {
+                    if h.kind == RecordKind::Barrier
+                        && h.seq > seq
+                        && h.offset >= seq
+                        && h.verify(head, &[], nonce).is_ok()
+                    {
                         return true;
                     }
                 }
@@ -194,20 +205,44 @@ fn read_segment(file: &Arc<dyn Storage>, segment_bytes: u64) -> std::io::Result<
     Ok(bytes)
 }
 
-/// Walks the journal from `(start_segment, start_offset)`, expecting `start_seq` first,
-/// calling `visit` for every valid record in order. See the module docs for how the end
-/// is classified.
-#[allow(clippy::too_many_arguments)]
+/// Where a scan starts and what it checks against.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanParams {
+    /// Size of each segment file.
+    pub segment_bytes: u64,
+    /// Volume size: data records must lie inside it.
+    pub volume_size: u64,
+    /// Segment to start in.
+    pub start_segment: u64,
+    /// Offset in that segment of the first record.
+    pub start_offset: u64,
+    /// Sequence number the first record must carry.
+    pub start_seq: u64,
+}
+
+/// Walks the journal from `params`' start, calling `visit` for every valid record in
+/// order. See the module docs for how the end is classified. A record that validates but
+/// addresses bytes outside the volume, or a slot whose header copies are both damaged, is
+/// corruption.
 pub fn scan(
     env: &dyn Env,
     volume: &str,
     segments: &[SegmentInfo],
-    segment_bytes: u64,
-    start_segment: u64,
-    start_offset: u64,
-    start_seq: u64,
+    params: ScanParams,
     mut visit: impl FnMut(&ScannedRecord<'_>) -> Result<()>,
 ) -> Result<ScanEnd> {
+    let ScanParams { segment_bytes, volume_size, start_segment, start_offset, start_seq } = params;
+    if let Some(damaged) = segments.iter().find(|s| s.damaged) {
+        return Err(Error::Corruption {
+            volume: volume.to_string(),
+            file: damaged.path.clone(),
+            detail: format!(
+                "journal slot {}: {}; it may hold acknowledged records",
+                damaged.index,
+                damaged.header_error.as_deref().unwrap_or("damaged")
+            ),
+        });
+    }
     let by_no: BTreeMap<u64, &SegmentInfo> =
         segments.iter().filter_map(|s| s.header.map(|h| (h.segment_no, s))).collect();
     let io = |context: String| move |source| Error::Io { volume: volume.to_string(), context, source };
@@ -217,6 +252,7 @@ pub fn scan(
         detail: format!("checkpoint segment {start_segment} is missing from every slot"),
     })?;
     let mut info = *start;
+    let mut nonce = info.header.map_or(0, |h| h.nonce);
     let mut segment_no = start_segment;
     let mut pos = start_offset as usize;
     let mut expected = start_seq;
@@ -234,8 +270,20 @@ pub fn scan(
         let file = env.open(&info.path, OpenMode::Existing).map_err(io(format!("open {}", info.path.display())))?;
         let bytes = read_segment(&file, segment_bytes).map_err(io(format!("read {}", info.path.display())))?;
         let stop = loop {
-            match parse_at(&bytes, pos, expected) {
+            match parse_at(&bytes, pos, expected, nonce) {
                 Parsed::Valid(header, payload) => {
+                    let data = matches!(header.kind, RecordKind::Write | RecordKind::Zero | RecordKind::Trim);
+                    if data && header.offset.checked_add(header.length).is_none_or(|end| end > volume_size) {
+                        return Err(Error::Corruption {
+                            volume: volume.to_string(),
+                            file: info.path.clone(),
+                            detail: format!(
+                                "journal segment {segment_no} record at offset {pos}, seq {}: range {}+{} is \
+                                 outside the volume ({volume_size} bytes)",
+                                header.seq, header.offset, header.length
+                            ),
+                        });
+                    }
                     visit(&ScannedRecord { segment_no, file_offset: pos as u64, header, payload })?;
                     pos += header.total_len();
                     expected += 1;
@@ -250,8 +298,9 @@ pub fn scan(
             }
         };
         if let Some(next) = by_no.get(&(segment_no + 1)) {
-            if next.header.is_some_and(|h| h.first_seq == expected) {
+            if let Some(h) = next.header.filter(|h| h.first_seq == expected) {
                 info = next;
+                nonce = h.nonce;
                 segment_no += 1;
                 pos = SEGMENT_HEADER_LEN;
                 continue;
@@ -261,7 +310,7 @@ pub fn scan(
         end.offset = pos as u64;
         end.next_seq = expected;
         // Is there proof that the bad (or missing) record at `pos` had been durable?
-        let mut proven = barrier_proves(&bytes, pos + RECORD_ALIGN, expected);
+        let mut proven = barrier_proves(&bytes, pos + RECORD_ALIGN, expected, nonce);
         for (_, later) in by_no.range(segment_no + 1..) {
             if proven {
                 break;
@@ -270,7 +319,7 @@ pub fn scan(
                 env.open(&later.path, OpenMode::Existing).map_err(io(format!("open {}", later.path.display())))?;
             let later_bytes =
                 read_segment(&file, segment_bytes).map_err(io(format!("read {}", later.path.display())))?;
-            proven = barrier_proves(&later_bytes, SEGMENT_HEADER_LEN, expected);
+            proven = barrier_proves(&later_bytes, SEGMENT_HEADER_LEN, expected, later.header.map_or(0, |h| h.nonce));
         }
         let reason = match &stop {
             Stop::Bad(reason, _) => reason.clone(),

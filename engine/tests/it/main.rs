@@ -3,4 +3,5 @@
 mod crash;
 mod model;
 mod recovery;
+mod regressions;
 mod support;

@@ -132,6 +132,12 @@ fn change_map_survives_crashes_and_reports_its_own_loss() {
     assert!(matches!(volume.changed_since(0), Err(Error::ChangeMapUnavailable { .. })));
     volume.write(3 * 65536, &[1u8; 512], PersistMode::Buffered).unwrap();
     assert_eq!(volume.changed_since(last).unwrap().regions, vec![3]);
+    drop(volume);
+    // A flipped bit in the bitmap itself is caught by its checksum.
+    env.corrupt(Path::new("/cmap/changemap.bin"), 4096, 0x80);
+    let (_volume, report) = reopen(&env, dir).unwrap();
+    let ChangeMapState::Rebuilt { reason } = report.change_map else { panic!("a corrupt bitmap was trusted") };
+    assert!(reason.contains("checksum"), "{reason}");
 }
 
 #[test]

@@ -8,6 +8,8 @@
 //! - `export`: the [`Export`](crate::Export) trait the server serves.
 
 mod export;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handshake;
 mod proto;
 mod server;

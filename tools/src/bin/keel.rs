@@ -64,7 +64,8 @@ enum VolumeCommand {
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("keel: {e:#}");
         std::process::exit(1);
