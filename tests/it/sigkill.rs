@@ -79,64 +79,82 @@ fn engine_process_killed_at_random_loses_no_acknowledged_write() {
     }
 }
 
+/// Runs `ops` over NBD against the part of the volume starting at `base`, recording in
+/// `acked` how many ops were covered by an acknowledged flush or FUA write, until the
+/// daemon dies or the ops run out.
+fn run_client(mut client: NbdClient, seed: u64, base: u64, ops: &[Op], acked: &AtomicUsize) {
+    for (index, op) in ops.iter().enumerate() {
+        let result = match *op {
+            Op::Write { sector, sectors, fua } => {
+                client.write(base + sector * SECTOR, &write_payload(seed, index as u64, sector, sectors), fua)
+            }
+            Op::Zero { sector, sectors, trim: true } => client.trim(base + sector * SECTOR, (sectors * SECTOR) as u32),
+            Op::Zero { sector, sectors, trim: false } => {
+                client.write_zeroes(base + sector * SECTOR, (sectors * SECTOR) as u32)
+            }
+            Op::Flush => client.flush(),
+        };
+        if result.is_err() {
+            return; // the daemon died under us
+        }
+        if op.is_barrier() {
+            acked.store(index + 1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Several connections write disjoint parts of one volume concurrently (so their flushes
+/// share group commits) while the daemon is killed with SIGKILL at a random moment; each
+/// connection's acknowledged writes must survive.
 #[test]
 fn daemon_killed_under_nbd_load_loses_no_acknowledged_write() {
     let (mut rng, seed) = seeded("daemon_killed_under_nbd_load_loses_no_acknowledged_write");
-    const SIZE: u64 = 16 << 20;
+    const SIZE: u64 = 24 << 20;
+    const CLIENTS: u64 = 3;
+    const PART: u64 = SIZE / CLIENTS;
     const OPS: usize = 100_000;
-    let mut daemon = Daemon::start(&[("crash", "16MiB")]).unwrap();
-    for trial in 0..6u64 {
-        let trial_seed = seed.wrapping_add(trial);
-        let ops = Arc::new(generate(trial_seed, SIZE, OPS));
-        let acked = Arc::new(AtomicUsize::new(0));
-        let mut client = NbdClient::connect(&daemon.socket(), "crash").unwrap();
+    let mut daemon = Daemon::start(&[("crash", "24MiB")]).unwrap();
+    for trial in 0..8u64 {
+        let mut setup = NbdClient::connect(&daemon.socket(), "crash").unwrap();
         // Start from a known state: zero the volume and make it durable.
-        client.write_zeroes(0, SIZE as u32).unwrap();
-        client.flush().unwrap();
-        let writer = {
-            let (ops, acked) = (ops.clone(), acked.clone());
-            std::thread::spawn(move || {
-                for (index, op) in ops.iter().enumerate() {
-                    let result = match *op {
-                        Op::Write { sector, sectors, fua } => client.write(
-                            sector * SECTOR,
-                            &write_payload(trial_seed, index as u64, sector, sectors),
-                            fua,
-                        ),
-                        Op::Zero { sector, sectors, trim: true } => {
-                            client.trim(sector * SECTOR, (sectors * SECTOR) as u32)
-                        }
-                        Op::Zero { sector, sectors, trim: false } => {
-                            client.write_zeroes(sector * SECTOR, (sectors * SECTOR) as u32)
-                        }
-                        Op::Flush => client.flush(),
-                    };
-                    if result.is_err() {
-                        return; // the daemon died under us
-                    }
-                    if op.is_barrier() {
-                        acked.store(index + 1, Ordering::SeqCst);
-                    }
-                }
-            })
-        };
-        let kill_after = rng.gen_range(1..150);
-        while acked.load(Ordering::SeqCst) < kill_after && !writer.is_finished() {
+        setup.write_zeroes(0, SIZE as u32).unwrap();
+        setup.flush().unwrap();
+        let mut workers = Vec::new();
+        for client_index in 0..CLIENTS {
+            let client_seed = seed.wrapping_add(trial * CLIENTS + client_index);
+            let ops = Arc::new(generate(client_seed, PART, OPS));
+            let acked = Arc::new(AtomicUsize::new(0));
+            let client = NbdClient::connect(&daemon.socket(), "crash").unwrap();
+            let thread = {
+                let (ops, acked) = (ops.clone(), acked.clone());
+                std::thread::spawn(move || run_client(client, client_seed, client_index * PART, &ops, &acked))
+            };
+            workers.push((client_seed, ops, acked, thread));
+        }
+        let kill_after = rng.gen_range(1..120);
+        while workers.iter().map(|w| w.2.load(Ordering::SeqCst)).sum::<usize>() < kill_after
+            && !workers.iter().all(|w| w.3.is_finished())
+        {
             std::thread::yield_now();
         }
         random_moment(&mut rng);
         daemon.kill9();
-        writer.join().unwrap();
-        let acked = acked.load(Ordering::SeqCst);
-        eprintln!("trial {trial}: daemon killed after {acked} acknowledged ops");
         daemon.restart().unwrap();
         let mut reader = NbdClient::connect(&daemon.socket(), "crash").unwrap();
-        let mut contents = vec![0u8; SIZE as usize];
-        for (i, chunk) in contents.chunks_mut(1 << 20).enumerate() {
-            reader.read((i as u64) << 20, chunk).unwrap();
-        }
-        if let Err(violation) = verify(trial_seed, &ops, acked, OPS, &contents) {
-            panic!("trial {trial} (seed {trial_seed}), {acked} ops acknowledged: {violation}\n{}", daemon.log());
+        for (client_index, (client_seed, ops, acked, thread)) in workers.into_iter().enumerate() {
+            thread.join().unwrap();
+            let acked = acked.load(Ordering::SeqCst);
+            let mut contents = vec![0u8; PART as usize];
+            for (i, chunk) in contents.chunks_mut(1 << 20).enumerate() {
+                reader.read(client_index as u64 * PART + ((i as u64) << 20), chunk).unwrap();
+            }
+            eprintln!("trial {trial} client {client_index}: daemon killed after {acked} acknowledged ops");
+            if let Err(violation) = verify(client_seed, &ops, acked, OPS, &contents) {
+                panic!(
+                    "trial {trial} client {client_index} (seed {client_seed}), {acked} ops acknowledged: {violation}\n{}",
+                    daemon.log()
+                );
+            }
         }
     }
 }
