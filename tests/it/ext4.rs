@@ -123,7 +123,7 @@ fn ext4_synced_files_survive_a_daemon_kill_under_the_mount() {
     });
     match outcome {
         Ok(()) => panic!("fsync succeeded on a filesystem whose server is dead"),
-        Err(e) => eprintln!("as expected, I/O after the kill failed: {e}"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "I/O after the kill failed, but not with EIO: {e}"),
     }
     // Tear down the dead stack: umount -l, losetup -d, then nbdfuse.
     stack.abandon();

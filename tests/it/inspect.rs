@@ -150,8 +150,11 @@ fn inspect_reports_the_volume_and_a_corrupt_acknowledged_record_stops_serving_it
     for needle in ["CORRUPT", &format!("segment {segment} "), &format!("offset {at},"), &format!("seq {seq}:")] {
         assert!(verdict.contains(needle), "the verdict does not name {needle:?}:\n{}", out.describe());
     }
-    let journal = inspect_json(&["journal", "--verify", "--json"], &dir);
+    let out = inspect(&["journal", "--verify", "--json"], &dir);
+    assert_eq!(out.status.code(), Some(1), "corruption must exit 1:\n{}", out.describe());
+    let journal: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
     assert_eq!(journal["corrupt"], true, "{journal:#}");
+    assert!(journal["verify"].as_str().is_some_and(|v| v.starts_with("CORRUPT")), "{journal:#}");
 
     // The node starts, serves the healthy volume, and refuses the corrupt one.
     daemon.restart().unwrap();

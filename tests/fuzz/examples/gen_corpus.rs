@@ -13,10 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use keel_engine::format::{
-    ChangeMapHeader, RecordHeader, RecordKind, SegmentHeader, Superblock, FLAG_MAY_PUNCH, SEGMENT_HEADER_LEN,
+    ChangeMapHeader, RecordHeader, RecordKind, SegmentHeader, Superblock, FLAG_MAY_PUNCH, SEGMENT_HEADER_COPY_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use keel_engine::testing::FaultyEnv;
 use keel_engine::{list_segments, Env, OpenMode, OpenOptions, PersistMode, Volume, VolumeOptions};
+use keel_fuzz::{reencode_record_chain, NONCE};
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
@@ -42,13 +44,13 @@ fn shortest_decoding(bytes: &[u8], decodes: impl Fn(&[u8]) -> bool) -> &[u8] {
 
 fn journal_record(dir: &Path) {
     let mut record = Vec::new();
-    RecordHeader::new(RecordKind::Write, 0, 7, 1, 4096, 16).encode_into(b"sixteen bytes!!!", &mut record);
+    RecordHeader::new(RecordKind::Write, 0, 7, 1, 4096, 16).encode_into(b"sixteen bytes!!!", NONCE, &mut record);
     write_seed(dir, "record-write", &record);
-    RecordHeader::new(RecordKind::Zero, FLAG_MAY_PUNCH, 8, 1, 0, 1 << 16).encode_into(&[], &mut record);
+    RecordHeader::new(RecordKind::Zero, FLAG_MAY_PUNCH, 8, 1, 0, 1 << 16).encode_into(&[], NONCE, &mut record);
     write_seed(dir, "record-zero", &record);
-    RecordHeader::new(RecordKind::Barrier, 0, 9, 1, 8, 0).encode_into(&[], &mut record);
+    RecordHeader::new(RecordKind::Barrier, 0, 9, 1, 8, 0).encode_into(&[], NONCE, &mut record);
     write_seed(dir, "record-barrier", &record);
-    RecordHeader::new(RecordKind::Snapshot, 0, 10, 1, 0, 0).encode_into(b"nightly", &mut record);
+    RecordHeader::new(RecordKind::Snapshot, 0, 10, 1, 0, 0).encode_into(b"nightly", NONCE, &mut record);
     write_seed(dir, "record-snapshot", &record);
 
     let superblock = Superblock {
@@ -68,27 +70,41 @@ fn journal_record(dir: &Path) {
     };
     let encoded = superblock.encode();
     write_seed(dir, "superblock", shortest_decoding(&encoded, |b| Superblock::decode(b).is_ok()));
-    let segment = SegmentHeader { segment_no: 2, first_seq: 42, epoch: 3, volume_id: *b"fuzz-volume-id!!" };
+    let segment =
+        SegmentHeader { segment_no: 2, first_seq: 42, epoch: 3, volume_id: *b"fuzz-volume-id!!", nonce: NONCE };
     let encoded = segment.encode();
-    write_seed(dir, "segment-header", shortest_decoding(&encoded, |b| SegmentHeader::decode(b).is_ok()));
+    let copy_b = shortest_decoding(&encoded, |b| SegmentHeader::decode(b).is_ok());
+    write_seed(dir, "segment-header", copy_b);
+    // A whole copy A of an older segment, then (the start of) copy B of a newer one.
+    let older = SegmentHeader { segment_no: 1, first_seq: 1, ..segment };
+    let mut area = older.encode();
+    assert_eq!(area.len(), SEGMENT_HEADER_COPY_LEN);
+    area.extend_from_slice(copy_b);
+    write_seed(dir, "segment-slot", &area);
     let changemap = ChangeMapHeader {
         region_bytes: 64 << 10,
         volume_id: *b"fuzz-volume-id!!",
         generation: 5,
         base_seq: 41,
         region_count: 16384,
+        bitmap_crc: 0x0bad_cafe,
     };
     let encoded = changemap.encode();
     write_seed(dir, "changemap-header", shortest_decoding(&encoded, |b| ChangeMapHeader::decode(b).is_ok()));
 }
 
 /// A journal written by the engine: every record kind, barriers from flushes, and a
-/// write that spans sectors.
+/// write that spans sectors; its records re-encoded with [`NONCE`], which the target
+/// gives its segment.
 fn journal_recovery(dir: &Path) {
     let shared: Arc<dyn Env> = Arc::new(FaultyEnv::new());
     let volume_dir = Path::new("/v");
-    let options =
-        VolumeOptions { segment_bytes: 1 << 20, segment_count_max: 3, change_region_bytes: 64 << 10, extent_file_bytes: 1 << 20 };
+    let options = VolumeOptions {
+        segment_bytes: 1 << 20,
+        segment_count_max: 3,
+        change_region_bytes: 64 << 10,
+        extent_file_bytes: 1 << 20,
+    };
     Volume::create(Arc::clone(&shared), volume_dir, "fuzz", 1 << 20, &options).expect("create the volume");
     let open_options = OpenOptions { background_checkpoints: false, ..OpenOptions::default() };
     let (volume, _) = Volume::open(Arc::clone(&shared), volume_dir, &open_options).expect("open the volume");
@@ -102,17 +118,19 @@ fn journal_recovery(dir: &Path) {
     let volume_id = Volume::read_superblock(shared.as_ref(), volume_dir).expect("read the superblock").volume_id;
     let segments = list_segments(shared.as_ref(), volume_dir, volume_id).expect("list segments");
     let file = shared.open(&segments[0].path, OpenMode::Existing).expect("open the segment");
-    let mut body = vec![0u8; 8 << 10];
-    file.read_at(&mut body, SEGMENT_HEADER_LEN as u64).expect("read the segment");
-    let used = body.iter().rposition(|&b| b != 0).map_or(0, |last| (last + 1).next_multiple_of(8));
-    body.truncate(used);
+    let mut records = vec![0u8; 4 << 10];
+    file.read_at(&mut records, SEGMENT_HEADER_LEN as u64).expect("read the segment");
+    let used = records.iter().rposition(|&b| b != 0).map_or(0, |last| (last + 1).next_multiple_of(8));
+    records.truncate(used);
+    reencode_record_chain(&mut records);
+    let mut copy_b = vec![0u8; SEGMENT_HEADER_COPY_LEN];
+    file.read_at(&mut copy_b, SEGMENT_HEADER_COPY_LEN as u64).expect("read header copy B");
     drop(volume);
 
-    let mut seed = vec![0u8];
-    seed.extend_from_slice(&body);
-    write_seed(dir, "engine-journal", &seed);
-    seed[0] = 1;
-    write_seed(dir, "engine-journal-fix-crcs", &seed);
+    // Option bit 0: re-encode the record chain; bit 1: the input starts at copy B.
+    write_seed(dir, "engine-journal", &[&[0b00][..], &records].concat());
+    write_seed(dir, "engine-journal-fix-crcs", &[&[0b01][..], &records].concat());
+    write_seed(dir, "engine-journal-with-copy-b", &[&[0b11][..], &copy_b, &records].concat());
 }
 
 // NBD constants, from the protocol specification (big-endian on the wire).

@@ -1,6 +1,6 @@
 //! Every on-disk decoder in `keel_engine::format` on the same bytes: the journal record
-//! header (and its crc check), the superblock, the segment header and the change-map
-//! header. Each must return `Ok` or `Err` for any input.
+//! header (and its crc check), the superblock, a segment header copy, a slot's header
+//! area (two copies) and the change-map header. Each must return a value for any input.
 //!
 //! Random bytes almost never carry a valid crc, which would leave the field checks after
 //! the crc unexplored. So each fixed-size structure is also decoded from a copy whose
@@ -10,7 +10,11 @@
 
 use std::sync::OnceLock;
 
-use keel_engine::format::{ChangeMapHeader, RecordHeader, SegmentHeader, Superblock, RECORD_HEADER_LEN};
+use keel_engine::format::{
+    ChangeMapHeader, RecordHeader, SegmentHeader, SlotState, Superblock, RECORD_HEADER_LEN, SEGMENT_HEADER_COPY_LEN,
+    SEGMENT_HEADER_LEN,
+};
+use keel_fuzz::NONCE;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     record(data);
@@ -28,6 +32,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(changemap) = ChangeMapHeader::decode(&with_crc(data, crc_offsets().changemap)) {
         assert_eq!(ChangeMapHeader::decode(&changemap.encode()), Ok(changemap));
     }
+
+    slot(data);
 });
 
 /// A record at the start of `data`: decode the header, check the crc over whatever
@@ -39,16 +45,43 @@ fn record(data: &[u8]) {
     };
     let payload_end = RECORD_HEADER_LEN.saturating_add(header.payload_len as usize);
     let payload = data.get(RECORD_HEADER_LEN..payload_end).unwrap_or_default();
-    let _ = header.verify(data, payload);
+    let _ = header.verify(data, payload, NONCE);
     if payload.len() != header.payload_len as usize {
         return;
     }
     let mut encoded = Vec::new();
-    header.encode_into(payload, &mut encoded);
+    header.encode_into(payload, NONCE, &mut encoded);
     assert_eq!(encoded.len(), header.total_len());
     let decoded = RecordHeader::decode(&encoded).expect("a re-encoded record decodes");
     assert_eq!(decoded, RecordHeader { crc: decoded.crc, ..header });
-    decoded.verify(&encoded, payload).expect("a re-encoded record passes its crc");
+    decoded.verify(&encoded, payload, NONCE).expect("a re-encoded record passes its crc");
+}
+
+/// `data` as a slot's header area (zero-extended), decoded as is and with both copies'
+/// crcs recomputed; the documented rule must pick the copy.
+fn slot(data: &[u8]) {
+    let mut area = data.get(..SEGMENT_HEADER_LEN).unwrap_or(data).to_vec();
+    area.resize(SEGMENT_HEADER_LEN, 0);
+    let (copy_a, copy_b) = area.split_at(SEGMENT_HEADER_COPY_LEN);
+    let _ = SegmentHeader::decode_slot(&area, [0; 16]);
+
+    let copy_a = with_crc(copy_a, crc_offsets().segment);
+    let copy_b = with_crc(copy_b, crc_offsets().segment);
+    let a = SegmentHeader::decode(&copy_a).ok();
+    let b = SegmentHeader::decode(&copy_b).ok();
+    let volume_id = a.or(b).map_or([0; 16], |h| h.volume_id);
+    let a = a.filter(|h| h.volume_id == volume_id);
+    let b = b.filter(|h| h.volume_id == volume_id);
+    let fixed = [copy_a, copy_b].concat();
+    let state = SegmentHeader::decode_slot(&fixed, volume_id);
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let newer = if b.segment_no > a.segment_no { b } else { a };
+            assert_eq!(state, SlotState::Segment(newer), "both copies are valid: the newer one wins");
+        }
+        (Some(h), None) | (None, Some(h)) => assert_eq!(state, SlotState::Segment(h), "the one valid copy wins"),
+        (None, None) => assert!(matches!(state, SlotState::Free | SlotState::Damaged(_)), "{state:?}"),
+    }
 }
 
 /// `data` with the crc32 of its first `crc_at` bytes stored at `crc_at` (little-endian),
@@ -82,7 +115,7 @@ fn crc_offsets() -> &'static CrcOffsets {
             epoch: 1,
             checkpoint_seq: 0,
             checkpoint_segment: 1,
-            checkpoint_offset: 4096,
+            checkpoint_offset: SEGMENT_HEADER_LEN as u64,
             segment_bytes: 1 << 20,
             segment_count_max: 3,
             changemap_generation: 1,
@@ -90,9 +123,15 @@ fn crc_offsets() -> &'static CrcOffsets {
             extent_file_bytes: 1 << 20,
             name: "fuzz".into(),
         };
-        let segment = SegmentHeader { segment_no: 1, first_seq: 1, epoch: 1, volume_id: [7; 16] };
-        let changemap =
-            ChangeMapHeader { region_bytes: 64 << 10, volume_id: [7; 16], generation: 1, base_seq: 0, region_count: 16 };
+        let segment = SegmentHeader { segment_no: 1, first_seq: 1, epoch: 1, volume_id: [7; 16], nonce: NONCE };
+        let changemap = ChangeMapHeader {
+            region_bytes: 64 << 10,
+            volume_id: [7; 16],
+            generation: 1,
+            base_seq: 0,
+            region_count: 16,
+            bitmap_crc: 0x1234_5678,
+        };
         CrcOffsets {
             superblock: find_crc(&superblock.encode()),
             segment: find_crc(&segment.encode()),
