@@ -5,7 +5,8 @@
 //! block store's page cache and marks the change map, then releases the lock: the store
 //! always reflects a prefix of the journal, in journal order, and reads go straight to the
 //! store (after a crash the store may also still hold effects of unacknowledged records
-//! that recovery dropped, which NBD allows). Nothing is synced on this path; [`Volume::flush`] (and a durable write) syncs
+//! that recovery dropped, which NBD allows). Nothing is synced on this path except when a write rolls into a
+//! new journal segment (its header copies are synced, once per segment); [`Volume::flush`] (and a durable write) syncs
 //! the journal segments with group commit. Checkpoints sync the store and the change map,
 //! then move the superblock's checkpoint forward so older segments can be reused.
 //!
@@ -234,9 +235,8 @@ impl Volume {
         durable_replace(env.as_ref(), &dir.join(SUPERBLOCK_FILE), &superblock.encode())
             .map_err(io("write the superblock"))?;
         // The volume directory's own entry must survive a power cut too.
-        if let Some(parent) = dir.parent() {
-            env.sync_dir(parent).map_err(io("sync the parent directory"))?;
-        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        env.sync_dir(parent).map_err(io("sync the parent directory"))?;
         Ok(())
     }
 

@@ -45,7 +45,7 @@ pub fn volume(dir: &Path, as_json: bool) -> Result<()> {
             },
             "change_map": changemap.as_ref().map(|(h, changed)| json!({
                 "generation": h.generation,
-                "trusted": h.generation == sb.changemap_generation && h.volume_id == sb.volume_id,
+                "trusted": changemap_trusted(h, &sb),
                 "base_seq": h.base_seq,
                 "region_bytes": h.region_bytes,
                 "regions": h.region_count,
@@ -78,8 +78,11 @@ pub fn volume(dir: &Path, as_json: bool) -> Result<()> {
     }
     match changemap {
         Ok((h, changed)) => {
-            let trust =
-                if h.generation == sb.changemap_generation { "trusted" } else { "NOT trusted (generation mismatch)" };
+            let trust = if changemap_trusted(&h, &sb) {
+                "trusted"
+            } else {
+                "NOT trusted (generation, volume or geometry mismatch: rebuilt on open)"
+            };
             println!(
                 "change map  generation {} ({trust}), {} regions of {}, {} changed since seq {}",
                 h.generation,
@@ -92,6 +95,14 @@ pub fn volume(dir: &Path, as_json: bool) -> Result<()> {
         Err(e) => println!("change map  unusable: {e} (will be rebuilt on open; incrementals fall back to full scans)"),
     }
     Ok(())
+}
+
+/// The same trust test the engine applies when it opens the volume.
+fn changemap_trusted(h: &ChangeMapHeader, sb: &keel_engine::format::Superblock) -> bool {
+    h.generation == sb.changemap_generation
+        && h.volume_id == sb.volume_id
+        && h.region_bytes == sb.change_region_bytes
+        && h.region_count == sb.size.div_ceil(u64::from(sb.change_region_bytes))
 }
 
 /// The change map's header and number of changed regions; an error when the map is

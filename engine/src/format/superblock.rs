@@ -133,7 +133,7 @@ impl Superblock {
         if self.segment_bytes < 1 << 20 || self.segment_bytes % 4096 != 0 {
             return invalid("segment_bytes", self.segment_bytes.to_string());
         }
-        if self.checkpoint_offset > self.segment_bytes {
+        if self.checkpoint_offset < super::SEGMENT_HEADER_LEN as u64 || self.checkpoint_offset > self.segment_bytes {
             return invalid("checkpoint_offset", self.checkpoint_offset.to_string());
         }
         if self.segment_count_max < 2 {

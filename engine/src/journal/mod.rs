@@ -144,10 +144,14 @@ impl Journal {
             if segment_no == Some(resume.segment_no) {
                 active = Some(index);
             }
-            if info.header.is_some() && segment_no.is_none() {
+            match info.header {
                 // A segment beyond the end of the recovered journal: erase its header so
                 // no later recovery can mistake its records for a continuation.
-                erase_slot_header(file.as_ref())?;
+                Some(_) if segment_no.is_none() => erase_slot_header(file.as_ref())?,
+                // One copy torn by a crash: rewrite it from the good one now, before a
+                // crash during the slot's next reuse could tear the other.
+                Some(header) => repair_slot_header(file.as_ref(), &header)?,
+                None => {}
             }
             slots.push(Slot { file, segment_no });
         }
@@ -353,6 +357,20 @@ fn write_slot_header(file: &dyn Storage, header: &SegmentHeader) -> std::io::Res
     file.sync()?;
     file.write_at(&copy, SEGMENT_HEADER_COPY_LEN as u64)?;
     file.sync()
+}
+
+/// Rewrites, one at a time and synced, each header copy that does not hold `header`.
+fn repair_slot_header(file: &dyn Storage, header: &SegmentHeader) -> std::io::Result<()> {
+    let copy = header.encode();
+    let mut found = vec![0u8; SEGMENT_HEADER_COPY_LEN];
+    for at in [0, SEGMENT_HEADER_COPY_LEN as u64] {
+        file.read_at(&mut found, at)?;
+        if found != copy {
+            file.write_at(&copy, at)?;
+            file.sync()?;
+        }
+    }
+    Ok(())
 }
 
 /// Erases both header copies, B then A, each synced: a crash in between leaves either the

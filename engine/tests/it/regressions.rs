@@ -147,3 +147,29 @@ fn checkpoints_of_an_idle_volume_are_free() {
     assert_eq!(status.last_seq, after_first.last_seq);
     assert_eq!(status.checkpoint_seq, after_first.checkpoint_seq);
 }
+
+/// Two crashes could make a slot unreadable: a crash tore header copy B during a roll,
+/// nothing rewrote it, and a second crash tore copy A when the slot was reused. Fixed:
+/// recovery rewrites a torn copy from the good one.
+#[test]
+fn a_torn_header_copy_is_repaired_before_the_slot_is_reused() {
+    let env = FaultyEnv::new();
+    let dir = Path::new("/twice");
+    let volume = create(&env, dir, 8 << 20);
+    for i in 0..260u64 {
+        volume.write(i * 4096, &[0xAA; 4096], PersistMode::Buffered).unwrap();
+    }
+    volume.flush().unwrap();
+    std::mem::forget(volume);
+    env.kill_process();
+    let slot = Path::new("/twice/journal/slot-0001.seg");
+    // First crash: copy B torn.
+    env.corrupt(slot, SEGMENT_HEADER_COPY_LEN as u64 + 20, 0x01);
+    let (volume, _) = reopen(&env, dir).unwrap();
+    std::mem::forget(volume);
+    env.kill_process();
+    // Second crash, as if during the next reuse: copy A torn.
+    env.corrupt(slot, 20, 0x01);
+    let (volume, _) = reopen(&env, dir).expect("the repaired copy B carries the slot");
+    assert_eq!(block(&volume, 259), 0xAA);
+}
