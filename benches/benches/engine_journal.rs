@@ -14,7 +14,8 @@
 //! allows it). Run: `cargo bench -p keel-benches --bench engine_journal`.
 
 use std::hint::black_box;
-use std::sync::{Arc, Barrier};
+use std::os::unix::fs::FileExt;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
@@ -57,11 +58,71 @@ fn append(c: &mut Criterion) {
     group.finish();
 }
 
+/// Runs `flushers` threads that each call `step(thread, i)` for `i` in `0..iters`,
+/// starting together, and returns the mean over threads of the time their steps reported.
+fn per_thread_mean(flushers: usize, iters: u64, step: impl Fn(u64, u64) -> Duration + Sync) -> Duration {
+    let start_together = Barrier::new(flushers);
+    let spent: Duration = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..flushers as u64)
+            .map(|thread| {
+                let (step, start_together) = (&step, &start_together);
+                s.spawn(move || {
+                    start_together.wait();
+                    (0..iters).map(|i| step(thread, i)).sum::<Duration>()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("flusher thread")).sum()
+    });
+    spent / flushers as u32
+}
+
+/// Each flusher thread owns a 4 MiB window and walks it 4 KiB at a time.
+fn flusher_offset(thread: u64, i: u64) -> u64 {
+    thread * (4 << 20) + (i % 1024) * 4096
+}
+
+const FLUSHERS: [usize; 3] = [1, 4, 16];
+
 fn flush(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine_journal");
-    // Each iteration is milliseconds of fdatasync: flat sampling keeps the iteration count
-    // per sample constant instead of ramping up to hundreds.
+    // Each iteration is a sync of a millisecond or so: flat sampling keeps the iteration
+    // count per sample constant instead of ramping it up.
     group.sampling_mode(SamplingMode::Flat);
+    let data = pattern(4096);
+
+    // Baseline on the same disk, measured minutes apart at most: what the bare syscalls cost
+    // (pwrite 4 KiB, then fdatasync) on a file whose blocks are already written, with no
+    // group commit: every thread syncs for itself.
+    {
+        let dir = scratch_dir();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("baseline.img"))
+            .expect("create the baseline file");
+        let window = pattern(4 << 20);
+        for thread in 0..FLUSHERS[FLUSHERS.len() - 1] as u64 {
+            file.write_all_at(&window, thread * (4 << 20)).expect("lay out the baseline file");
+        }
+        file.sync_all().expect("sync the baseline file");
+        for flushers in FLUSHERS {
+            group.throughput(Throughput::Elements(flushers as u64));
+            let id = BenchmarkId::new("flush", format!("baseline=pwrite+fdatasync/flushers={flushers}/write=4096"));
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    per_thread_mean(flushers, iters, |thread, i| {
+                        file.write_all_at(&data, flusher_offset(thread, i)).expect("pwrite");
+                        let started = Instant::now();
+                        file.sync_data().expect("fdatasync");
+                        started.elapsed()
+                    })
+                })
+            });
+        }
+    }
+
     for backend in BACKENDS {
         let Some(env) = env(backend) else {
             eprintln!("engine_journal/flush: skipping backend {backend:?}: the kernel refuses it");
@@ -69,42 +130,22 @@ fn flush(c: &mut Criterion) {
         };
         let backend_name = env.backend_name();
         let dir = scratch_dir();
-        let volume = Arc::new(open_volume(env, dir.path(), VOLUME_BYTES));
-        let data = pattern(4096);
-        for flushers in [1usize, 4, 16] {
+        let volume = open_volume(env, dir.path(), VOLUME_BYTES);
+        for flushers in FLUSHERS {
             group.throughput(Throughput::Elements(flushers as u64));
             let id = BenchmarkId::new("flush", format!("backend={backend_name}/flushers={flushers}/write=4096"));
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    let start_together = Barrier::new(flushers);
-                    let spent: Duration = std::thread::scope(|s| {
-                        let threads: Vec<_> = (0..flushers)
-                            .map(|thread| {
-                                let (volume, data, start_together) = (&volume, &data, &start_together);
-                                s.spawn(move || {
-                                    // Each thread owns a 4 MiB window and walks it 4 KiB at a time.
-                                    let base = thread as u64 * (4 << 20);
-                                    start_together.wait();
-                                    let mut spent = Duration::ZERO;
-                                    for i in 0..iters {
-                                        let offset = base + (i % 1024) * 4096;
-                                        volume.write(offset, data, PersistMode::Buffered).expect("write");
-                                        let started = Instant::now();
-                                        black_box(volume.flush().expect("flush"));
-                                        spent += started.elapsed();
-                                    }
-                                    spent
-                                })
-                            })
-                            .collect();
-                        threads.into_iter().map(|t| t.join().expect("flusher thread")).sum()
-                    });
-                    spent / flushers as u32
+                    per_thread_mean(flushers, iters, |thread, i| {
+                        volume.write(flusher_offset(thread, i), &data, PersistMode::Buffered).expect("write");
+                        let started = Instant::now();
+                        black_box(volume.flush().expect("flush"));
+                        started.elapsed()
+                    })
                 })
             });
         }
-        // The scoped flusher threads are gone, so this is the last reference.
-        Arc::try_unwrap(volume).expect("no flusher holds the volume").close().expect("close the volume");
+        volume.close().expect("close the volume");
     }
     group.finish();
 }

@@ -9,16 +9,20 @@
 //!   written beforehand (page cache).
 //! - `write_flush`: 4 KiB WRITE then FLUSH at depth 1, the cost a database `fsync` pays.
 //!
+//! Each runs against the `posix` and the `io_uring` backend (the daemon's `auto` picks
+//! io_uring when the kernel allows it).
+//!
 //! The time of one iteration is one request (or one write+flush pair); with a window,
 //! that is the inverse of the request rate, not the latency of a single request. Run:
 //! `cargo bench -p keel-benches --bench nbd_unix`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use keel_benches::nbd_client::{Command, NbdClient, TFLAG_SEND_FLUSH};
 use keel_benches::{env, open_volume, pattern, scratch_dir, InProcessServer};
-use keel_engine::IoBackend;
+use keel_engine::{Env, IoBackend};
 
 const VOLUME_BYTES: u64 = 4 << 30;
 /// Writes cycle over this much of the volume.
@@ -29,9 +33,17 @@ const READ_SPAN: u64 = 64 << 20;
 const SHAPES: [(usize, usize); 4] = [(4 << 10, 1), (4 << 10, 16), (1 << 20, 1), (1 << 20, 4)];
 
 fn nbd_unix(c: &mut Criterion) {
+    for backend in [IoBackend::Posix, IoBackend::Uring] {
+        let Some(env) = env(backend) else {
+            eprintln!("nbd_unix: skipping backend {backend:?}: the kernel refuses it");
+            continue;
+        };
+        serve_and_bench(c, env);
+    }
+}
+
+fn serve_and_bench(c: &mut Criterion, env: Arc<dyn Env>) {
     let dir = scratch_dir();
-    // The daemon's default backend (`auto`: io_uring when the kernel allows it).
-    let env = env(IoBackend::Auto).expect("the auto backend always starts");
     let backend = env.backend_name();
     let volume = open_volume(env, dir.path(), VOLUME_BYTES);
     let socket = dir.path().join("nbd.sock");

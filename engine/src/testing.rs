@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use rand::{Rng, RngCore};
@@ -125,7 +125,8 @@ struct FileState {
 struct MemFile {
     path: PathBuf,
     state: Mutex<FileState>,
-    env: Arc<Shared>,
+    /// Weak: the shared table owns the files, not the other way round.
+    env: Weak<Shared>,
 }
 
 #[derive(Debug, Default)]
@@ -232,7 +233,7 @@ impl Env for FaultyEnv {
         let file = Arc::new(MemFile {
             path: path.to_path_buf(),
             state: Mutex::new(FileState::default()),
-            env: Arc::clone(&self.shared),
+            env: Arc::downgrade(&self.shared),
         });
         files.insert(path.to_path_buf(), Arc::clone(&file));
         Ok(file)
@@ -262,7 +263,7 @@ impl Env for FaultyEnv {
         let renamed = Arc::new(MemFile {
             path: to.to_path_buf(),
             state: Mutex::new(std::mem::take(&mut *file.state.lock())),
-            env: Arc::clone(&self.shared),
+            env: Arc::downgrade(&self.shared),
         });
         files.insert(to.to_path_buf(), renamed);
         Ok(())
@@ -303,7 +304,9 @@ impl Drop for LockGuard {
 impl MemFile {
     fn mutate(&self, op: Op) -> io::Result<()> {
         if matches!(op, Op::Write { .. } | Op::Zero { .. }) {
-            self.env.take_fault(FaultKind::Write, &self.path)?;
+            if let Some(env) = self.env.upgrade() {
+                env.take_fault(FaultKind::Write, &self.path)?;
+            }
         }
         let mut state = self.state.lock();
         state.current.apply(&op);
@@ -323,7 +326,7 @@ impl Storage for MemFile {
     }
 
     fn sync(&self) -> io::Result<()> {
-        if let Err(e) = self.env.take_fault(FaultKind::Sync, &self.path) {
+        if let Err(e) = self.env.upgrade().map_or(Ok(()), |env| env.take_fault(FaultKind::Sync, &self.path)) {
             // Like Linux after a writeback error: the dirty data is gone from the durable
             // image, and the page cache no longer promises anything.
             self.state.lock().pending.clear();

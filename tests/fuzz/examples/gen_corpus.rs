@@ -123,14 +123,16 @@ fn journal_recovery(dir: &Path) {
     let used = records.iter().rposition(|&b| b != 0).map_or(0, |last| (last + 1).next_multiple_of(8));
     records.truncate(used);
     reencode_record_chain(&mut records);
-    let mut copy_b = vec![0u8; SEGMENT_HEADER_COPY_LEN];
-    file.read_at(&mut copy_b, SEGMENT_HEADER_COPY_LEN as u64).expect("read header copy B");
+    // Copy B as the target writes it (the target gives it its own volume's id: bit 2).
+    let header = segments[0].header.expect("the first segment has a header");
+    let copy_b = SegmentHeader { volume_id: *b"fuzz-volume-id!!", nonce: NONCE, ..header }.encode();
     drop(volume);
 
-    // Option bit 0: re-encode the record chain; bit 1: the input starts at copy B.
-    write_seed(dir, "engine-journal", &[&[0b00][..], &records].concat());
-    write_seed(dir, "engine-journal-fix-crcs", &[&[0b01][..], &records].concat());
-    write_seed(dir, "engine-journal-with-copy-b", &[&[0b11][..], &copy_b, &records].concat());
+    // Option bit 0: re-encode the record chain; bit 1: the input starts at copy B; bit 2:
+    // adopt copy B.
+    write_seed(dir, "engine-journal", &[&[0b000][..], &records].concat());
+    write_seed(dir, "engine-journal-fix-crcs", &[&[0b001][..], &records].concat());
+    write_seed(dir, "engine-journal-with-copy-b", &[&[0b111][..], &copy_b, &records].concat());
 }
 
 // NBD constants, from the protocol specification (big-endian on the wire).

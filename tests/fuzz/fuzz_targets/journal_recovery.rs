@@ -10,6 +10,8 @@
 //! Input layout: byte 0 holds options, the rest is segment bytes.
 //! - bit 1 clear: the bytes replace the records, from `SEGMENT_HEADER_LEN`; set: they
 //!   start at `SEGMENT_HEADER_COPY_LEN`, so header copy B is fuzzed too.
+//! - bit 2 (with bit 1): if copy B decodes once its crc is recomputed, re-encode it with
+//!   this volume's (random) id, so a fuzzed copy B can be valid and win over copy A.
 //! - bit 0: recompute the crc (with [`NONCE`]) of each record in the chain that starts
 //!   at the first record, so mutated records still pass their crc and reach the scan's
 //!   later checks.
@@ -21,7 +23,7 @@ use std::sync::Arc;
 use keel_engine::format::{SegmentHeader, SEGMENT_HEADER_COPY_LEN, SEGMENT_HEADER_LEN};
 use keel_engine::testing::FaultyEnv;
 use keel_engine::{list_segments, Env, OpenMode, OpenOptions, Volume, VolumeOptions};
-use keel_fuzz::{reencode_record_chain, NONCE};
+use keel_fuzz::{crc_offsets, reencode_record_chain, with_crc, NONCE};
 
 const VOLUME_BYTES: u64 = 1 << 20;
 const SEGMENT_BYTES: u64 = 1 << 20;
@@ -34,7 +36,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let write_at = if options & 0b10 != 0 { SEGMENT_HEADER_COPY_LEN } else { SEGMENT_HEADER_LEN };
     let mut bytes = bytes[..bytes.len().min(SEGMENT_BYTES as usize - write_at)].to_vec();
 
-    let env: Arc<dyn Env> = Arc::new(FaultyEnv::new());
+    let faulty = FaultyEnv::new();
+    let _cleanup = RemoveFilesOnDrop(faulty.clone());
+    let env: Arc<dyn Env> = Arc::new(faulty);
     let dir = Path::new("/v");
     let volume_options = VolumeOptions {
         segment_bytes: SEGMENT_BYTES,
@@ -53,6 +57,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let file = env.open(&segment.path, OpenMode::Existing).expect("open the journal segment");
     file.write_at(&header, 0).expect("write header copy A");
     file.write_at(&header, SEGMENT_HEADER_COPY_LEN as u64).expect("write header copy B");
+    if options & 0b110 == 0b110 {
+        let copy_b_len = bytes.len().min(SEGMENT_HEADER_COPY_LEN);
+        if let Ok(copy_b) = SegmentHeader::decode(&with_crc(&bytes[..copy_b_len], crc_offsets().segment)) {
+            let encoded = SegmentHeader { volume_id, ..copy_b }.encode();
+            bytes[..copy_b_len].copy_from_slice(&encoded[..copy_b_len]);
+        }
+    }
     if fix_crcs {
         if let Some(records) = bytes.get_mut(SEGMENT_HEADER_LEN - write_at..) {
             reencode_record_chain(records);
@@ -75,3 +86,16 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     assert!(contents == reread, "contents changed across a clean close and reopen");
     volume.close().expect("close the reopened volume");
 });
+
+/// Removes every file of the environment at the end of an iteration. `FaultyEnv` files
+/// point back at the environment that holds them (an `Arc` cycle), so without this each
+/// iteration's files would stay allocated until the RSS limit ends the run.
+struct RemoveFilesOnDrop(FaultyEnv);
+
+impl Drop for RemoveFilesOnDrop {
+    fn drop(&mut self) {
+        for path in self.0.files() {
+            let _ = self.0.remove_file(&path);
+        }
+    }
+}
