@@ -26,7 +26,7 @@ use keel_engine::{IoBackend, PersistMode};
 /// checkpoint is still syncing within one measurement.
 const VOLUME_BYTES: u64 = 4 << 30;
 /// Writes cycle over this much of the volume.
-const WRITE_SPAN: u64 = 1 << 30;
+const WRITE_SPAN_BYTES: u64 = 1 << 30;
 /// Named in benchmark ids as the engine names them (`Env::backend_name`).
 const BACKENDS: [IoBackend; 2] = [IoBackend::Posix, IoBackend::Uring];
 
@@ -48,7 +48,7 @@ fn append(c: &mut Criterion) {
             group.bench_function(id, |b| {
                 b.iter(|| {
                     let seq = volume.write(offset, &data, PersistMode::Buffered).expect("buffered write");
-                    offset = (offset + size as u64) % WRITE_SPAN;
+                    offset = (offset + size as u64) % WRITE_SPAN_BYTES;
                     black_box(seq)
                 })
             });

@@ -26,9 +26,9 @@ use keel_engine::{Env, IoBackend};
 
 const VOLUME_BYTES: u64 = 4 << 30;
 /// Writes cycle over this much of the volume.
-const WRITE_SPAN: u64 = 1 << 30;
+const WRITE_SPAN_BYTES: u64 = 1 << 30;
 /// Reads cycle over this much, written once before the read benchmarks.
-const READ_SPAN: u64 = 64 << 20;
+const READ_SPAN_BYTES: u64 = 64 << 20;
 /// (request size, requests in flight).
 const SHAPES: [(usize, usize); 4] = [(4 << 10, 1), (4 << 10, 16), (1 << 20, 1), (1 << 20, 4)];
 
@@ -55,7 +55,7 @@ fn serve_and_bench(c: &mut Criterion, env: Arc<dyn Env>) {
     let mut group = c.benchmark_group("nbd_unix");
     for (size, depth) in SHAPES {
         let mut data = pattern(size);
-        let per_span = WRITE_SPAN / size as u64;
+        let per_span = WRITE_SPAN_BYTES / size as u64;
         let mut next = 0u64;
         group.throughput(Throughput::Bytes(size as u64));
         let id = BenchmarkId::new("write", format!("backend={backend}/size={size}/qd={depth}"));
@@ -74,12 +74,12 @@ fn serve_and_bench(c: &mut Criterion, env: Arc<dyn Env>) {
 
     // Fill the read span once so reads return data rather than holes.
     let fill = pattern(1 << 20);
-    for offset in (0..READ_SPAN).step_by(fill.len()) {
+    for offset in (0..READ_SPAN_BYTES).step_by(fill.len()) {
         client.write(offset, &fill).expect("fill the read span");
     }
     for (size, depth) in SHAPES {
         let mut buf = vec![0u8; size];
-        let per_span = READ_SPAN / size as u64;
+        let per_span = READ_SPAN_BYTES / size as u64;
         let mut next = 0u64;
         group.throughput(Throughput::Bytes(size as u64));
         let id = BenchmarkId::new("read", format!("backend={backend}/size={size}/qd={depth}"));
@@ -103,7 +103,7 @@ fn serve_and_bench(c: &mut Criterion, env: Arc<dyn Env>) {
         b.iter(|| {
             client.write(offset, &data).expect("NBD write");
             client.flush().expect("NBD flush");
-            offset = (offset + 4096) % WRITE_SPAN;
+            offset = (offset + 4096) % WRITE_SPAN_BYTES;
         })
     });
     group.finish();

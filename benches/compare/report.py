@@ -2,7 +2,7 @@
 """Tables for benches/compare/run.sh from fio's JSON output.
 
 Usage: report.py WORK_DIR SEQ_SIZE RAND_RUNTIME LAT_RUNTIME LAT_ROUNDS
-Reads WORK_DIR/{plain,nbdkit,keel}-{seq,rand}.json, {plain,nbdkit,keel}-lat-rN.json,
+Reads WORK_DIR/{plain,nbdkit,keel}-{seq,seq2,rand}.json, {plain,nbdkit,keel}-lat-rN.json,
 plain-latdirect-rN.json and the *.server_cpu files run.sh writes next to them.
 """
 
@@ -28,8 +28,10 @@ def main():
 
     targets = ["plain", "nbdkit", "keel"]
     seq = {t: job(t, "seq") for t in targets}
+    seq2 = {t: job(t, "seq2") for t in targets}
     rand = {t: job(t, "rand") for t in targets}
     mib = {t: seq[t]["write"]["bw"] / 1024.0 for t in targets}  # fio reports KiB/s
+    mib2 = {t: seq2[t]["write"]["bw"] / 1024.0 for t in targets}
     iops = {t: rand[t]["write"]["iops"] for t in targets}
 
     def per_op(t, name, ops):
@@ -39,12 +41,16 @@ def main():
     print("Throughput (plain file: O_DIRECT, libaio)")
     show([
         ["workload", "plain file", "nbdkit file", "keel", "keel/nbdkit", "target"],
-        [f"seq write 1M qd8, {seq_size}, end_fsync (MiB/s)", *(f0(mib[t]) for t in targets),
+        [f"seq write 1M qd8, {seq_size}, end_fsync, fresh (MiB/s)", *(f0(mib[t]) for t in targets),
          f"{mib['keel'] / mib['nbdkit']:.2f}", ">= 0.90"],
+        [f"seq write 1M qd8, {seq_size}, end_fsync, overwrite (MiB/s)", *(f0(mib2[t]) for t in targets),
+         f"{mib2['keel'] / mib2['nbdkit']:.2f}", ">= 0.90"],
         [f"4K randwrite qd32, {rand_runtime} s (IOPS)", *(f0(iops[t]) for t in targets),
          f"{iops['keel'] / iops['nbdkit']:.2f}", ">= 0.90"],
-        ["server CPU per 1M write (us)",
+        ["server CPU per 1M write, fresh (us)",
          *(f0(per_op(t, "seq", seq[t]["write"]["total_ios"])) for t in targets), "", ""],
+        ["server CPU per 1M write, overwrite (us)",
+         *(f0(per_op(t, "seq2", seq2[t]["write"]["total_ios"])) for t in targets), "", ""],
         ["server CPU per 4K randwrite (us)",
          *(f0(per_op(t, "rand", rand[t]["write"]["total_ios"])) for t in targets), "", ""],
     ])

@@ -6,6 +6,8 @@
 //! temporary directory. Point it at the disk you want to measure: a tmpfs `/tmp` would
 //! turn every `fdatasync` into a no-op.
 
+#![warn(missing_docs)]
+
 pub mod nbd_client;
 
 use std::path::Path;

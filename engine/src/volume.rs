@@ -168,7 +168,10 @@ enum CheckpointMode {
 
 #[derive(Debug, Default)]
 struct Wake {
+    /// The journal passed the checkpoint pressure mark.
     pressure: bool,
+    /// The journal wants a spare slot prepared.
+    spare: bool,
     stop: bool,
 }
 
@@ -336,7 +339,9 @@ impl Volume {
             .find(|s| s.header.is_some_and(|h| h.segment_no == end.segment_no))
             .ok_or_else(|| Error::InvalidArgument(format!("volume {name:?}: journal end segment vanished")))?;
         let end_file = env.open(&end_info.path, OpenMode::Existing).map_err(io("open the last journal segment"))?;
-        end_file.zero_range(end.offset, sb.segment_bytes - end.offset).map_err(io("erase the journal tail"))?;
+        // Written zeros, not a deallocated range: later fdatasyncs stay cheap (see new_slot_file).
+        crate::storage::write_zeros(end_file.as_ref(), end.offset, sb.segment_bytes - end.offset)
+            .map_err(io("erase the journal tail"))?;
         end_file.sync().map_err(io("sync the journal tail"))?;
         let resume = ResumePoint {
             segment_no: end.segment_no,
@@ -617,8 +622,12 @@ impl Inner {
         loop {
             match self.journal.append(kind, flags, offset, length, payload, apply) {
                 Ok(seq) => {
-                    if self.journal.bytes_since_checkpoint() >= self.checkpoint_pressure_bytes {
-                        self.wake.lock().pressure = true;
+                    let pressure = self.journal.bytes_since_checkpoint() >= self.checkpoint_pressure_bytes;
+                    let spare = self.journal.take_spare_wanted();
+                    if pressure || spare {
+                        let mut wake = self.wake.lock();
+                        wake.pressure |= pressure;
+                        wake.spare |= spare;
                         self.wake_cond.notify_all();
                     }
                     return Ok(seq);
@@ -667,29 +676,39 @@ impl Inner {
         Ok(())
     }
 
+    /// The background thread: checkpoints every `interval` while data arrives (or at once
+    /// under journal pressure), and prepares spare journal slots off the write path.
     fn run_checkpointer(&self, interval: Duration) {
         let mut last = Instant::now();
+        let mut spare = self.journal.take_spare_wanted();
         loop {
-            {
+            let pressure = {
                 let mut wake = self.wake.lock();
-                if !wake.stop && !wake.pressure {
-                    self.wake_cond
-                        .wait_for(&mut wake, interval.saturating_sub(last.elapsed()).max(Duration::from_millis(10)));
+                if !wake.stop && !wake.pressure && !wake.spare && !spare {
+                    let timeout = interval.saturating_sub(last.elapsed()).max(Duration::from_millis(10));
+                    self.wake_cond.wait_for(&mut wake, timeout);
                 }
                 if wake.stop {
                     return;
                 }
-                if !wake.pressure && last.elapsed() < interval {
-                    continue;
-                }
-                wake.pressure = false;
-            }
-            last = Instant::now();
+                spare |= std::mem::take(&mut wake.spare);
+                std::mem::take(&mut wake.pressure)
+            };
             if self.poison.get().is_some() {
+                spare = false;
                 continue;
             }
-            if let Err(e) = self.checkpoint(CheckpointMode::IfChanged) {
-                tracing::error!(volume = %self.name, "failed to checkpoint: {e:#}");
+            if std::mem::take(&mut spare) {
+                if let Err(e) = self.journal.prepare_spare() {
+                    self.poison_with(format!("failed to prepare a spare journal slot: {e}"));
+                    continue;
+                }
+            }
+            if pressure || last.elapsed() >= interval {
+                last = Instant::now();
+                if let Err(e) = self.checkpoint(CheckpointMode::IfChanged) {
+                    tracing::error!(volume = %self.name, "failed to checkpoint: {e:#}");
+                }
             }
         }
     }

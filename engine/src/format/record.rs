@@ -90,9 +90,18 @@ impl RecordHeader {
     /// covers it, so the record only validates in this use of its slot.
     pub fn encode_into(&self, payload: &[u8], nonce: u64, out: &mut Vec<u8>) {
         out.clear();
+        out.extend_from_slice(&self.encode_header(payload, nonce));
+        out.extend_from_slice(payload);
         out.resize(Self::encoded_len(payload.len()), 0);
+    }
+
+    /// The record's header bytes for `payload` (crc included); the record on disk is these,
+    /// then the payload, then [`RecordHeader::padding_len`] zero bytes. Lets a writer send
+    /// the payload from where it is instead of copying it next to the header.
+    pub fn encode_header(&self, payload: &[u8], nonce: u64) -> [u8; RECORD_HEADER_LEN] {
+        let mut out = [0u8; RECORD_HEADER_LEN];
         let payload_len = u32::try_from(payload.len()).expect("payload bounded by segment size");
-        let mut w = Writer::new(&mut out[..RECORD_HEADER_LEN]);
+        let mut w = Writer::new(&mut out);
         w.u32(MAGIC);
         w.u16(VERSION);
         w.u8(self.kind as u8);
@@ -103,13 +112,18 @@ impl RecordHeader {
         w.u64(self.length);
         w.u32(payload_len);
         assert_eq!(w.position(), CRC_AT);
-        out[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(payload);
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&nonce.to_le_bytes());
         hasher.update(&out[..CRC_AT]);
         hasher.update(payload);
         let crc = hasher.finalize();
-        out[CRC_AT..RECORD_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        out[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Zero bytes after a payload of `payload_len` bytes, up to [`RECORD_ALIGN`].
+    pub fn padding_len(payload_len: usize) -> usize {
+        Self::encoded_len(payload_len) - RECORD_HEADER_LEN - payload_len
     }
 
     /// A header for a new record; `payload_len` and `crc` are filled in by

@@ -20,6 +20,7 @@ use std::sync::Arc;
 mod posix;
 mod uring;
 
+pub(crate) use posix::write_zeros;
 pub use posix::PosixEnv;
 
 /// One open file. All offsets are absolute; implementations are safe to share between
@@ -30,6 +31,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the file if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes the buffers back to back starting at `offset` (`pwritev`). The default
+    /// writes them one by one.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs {
+            self.write_at(buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable (`fdatasync`). An error here is final: callers
     /// must poison whatever depends on this file and never retry (see `durable.rs`).
     fn sync(&self) -> io::Result<()>;

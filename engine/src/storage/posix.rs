@@ -141,6 +141,26 @@ impl PosixFile {
         }
     }
 
+    /// One `pwritev2(RWF_NOWAIT)`: writes what it can without blocking (a page-cache
+    /// copy). `Ok(None)` when the kernel would have to block or does not support it.
+    pub(crate) fn write_nowait(&self, buf: &[u8], offset: u64) -> io::Result<Option<usize>> {
+        let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        // SAFETY: the iovec points at `buf`, valid and unmodified for the whole call; the
+        // kernel only reads from it.
+        let n = unsafe { libc::pwritev2(self.raw_fd(), &iov, 1, to_off(offset)?, libc::RWF_NOWAIT) };
+        nowait_result(n)
+    }
+
+    /// One `preadv2(RWF_NOWAIT)`: reads what the page cache holds without blocking.
+    /// `Ok(Some(0))` is end of file; `Ok(None)` when the read would block.
+    pub(crate) fn read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: the iovec points at `buf`, exclusively borrowed for the whole call; the
+        // kernel writes at most `buf.len()` bytes into it.
+        let n = unsafe { libc::preadv2(self.raw_fd(), &iov, 1, to_off(offset)?, libc::RWF_NOWAIT) };
+        nowait_result(n)
+    }
+
     fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
         let offset = to_off(offset)?;
         // SAFETY: lseek only reads its integer arguments; the fd is owned by `self`. The
@@ -155,6 +175,17 @@ impl PosixFile {
         } else {
             Err(err)
         }
+    }
+}
+
+fn nowait_result(n: isize) -> io::Result<Option<usize>> {
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(None),
+        _ => Err(err),
     }
 }
 
@@ -183,6 +214,49 @@ impl Storage for PosixFile {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut iovs: Vec<libc::iovec> =
+            bufs.iter().map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0usize;
+        while done < total {
+            // Drop the iovecs already written, and trim the one written in part.
+            let mut skip = done;
+            let mut first = 0;
+            while first < iovs.len() && skip >= bufs[first].len() {
+                skip -= bufs[first].len();
+                first += 1;
+            }
+            if let (Some(iov), Some(buf)) = (iovs.get_mut(first), bufs.get(first)) {
+                iov.iov_base = buf[skip..].as_ptr() as *mut libc::c_void;
+                iov.iov_len = buf.len() - skip;
+            }
+            let pending = &iovs[first..];
+            // SAFETY: every iovec points into a buffer of `bufs`, valid and unmodified for the
+            // whole call; the kernel only reads from them.
+            let n = unsafe {
+                libc::pwritev(
+                    self.raw_fd(),
+                    pending.as_ptr(),
+                    pending.len() as libc::c_int,
+                    to_off(offset + done as u64)?,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+            }
+            done += n as usize;
+        }
+        Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {

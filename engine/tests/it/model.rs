@@ -163,3 +163,32 @@ fn volume_of_sixteen_tebibytes_spans_extent_files() {
     assert_eq!(buf, [0xa5; 4096]);
     assert!(matches!(volume.read(size - 4095, &mut buf), Err(keel_engine::Error::OutOfRange { .. })));
 }
+
+#[test]
+fn background_checkpoints_and_spare_slots_keep_the_data() {
+    let env = FaultyEnv::new();
+    let dir = std::path::Path::new("/spare");
+    let options = keel_engine::VolumeOptions { segment_count_max: 6, ..small_options() };
+    Volume::create(Arc::new(env.clone()), dir, "spare", SIZE, &options).unwrap();
+    let open = keel_engine::OpenOptions {
+        checkpoint_interval: std::time::Duration::from_millis(5),
+        background_checkpoints: true,
+    };
+    let (volume, _) = Volume::open(Arc::new(env.clone()), dir, &open).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    for i in 0..600u64 {
+        let data = pattern(i, 32, i as u8);
+        let at = ((i * 7919) % (SIZE / 512 - 32)) * 512;
+        volume.write(at, &data, PersistMode::Buffered).unwrap();
+        model[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        if i % 20 == 0 {
+            volume.flush().unwrap();
+        }
+    }
+    assert!(volume.status().journal_segments <= 6);
+    volume.close().unwrap();
+    let (volume, _) = Volume::open(Arc::new(env), dir, &manual_checkpoints()).unwrap();
+    let mut all = vec![0u8; SIZE as usize];
+    volume.read(0, &mut all).unwrap();
+    assert!(all == model);
+}

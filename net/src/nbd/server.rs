@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{BufMut, BytesMut};
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -55,6 +57,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Socket buffers for the reader and the writer.
 const SOCKET_BUFFER_BYTES: usize = 64 * 1024;
+/// WRITE payload buffers kept per connection for reuse once their export
+/// call is done, and the largest buffer kept. An idle connection thus holds
+/// at most 16 MiB; larger payloads (up to `PAYLOAD_MAX`) are freed as before.
+const POOLED_BUFFERS_MAX: usize = 8;
+const POOLED_BUFFER_BYTES_MAX: usize = 2 * 1024 * 1024;
 
 const _: () = assert!(BYTES_IN_FLIGHT_MAX >= crate::nbd::PAYLOAD_MAX as usize);
 const _: () = assert!(BYTES_IN_FLIGHT_MAX <= u32::MAX as usize);
@@ -393,7 +400,55 @@ struct Connection {
     replies: mpsc::Sender<QueuedReply>,
     request_slots: Arc<Semaphore>,
     byte_budget: Arc<Semaphore>,
+    payload_buffers: Arc<BufferPool>,
     requests: TaskTracker,
+}
+
+/// Reusable WRITE payload buffers (see [`POOLED_BUFFERS_MAX`]), so a stream
+/// of WRITEs does not allocate and fault in a fresh buffer per request.
+/// Pooled buffers are empty; their contents are never read before being
+/// overwritten from the socket.
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<BytesMut>>);
+
+impl BufferPool {
+    /// An empty buffer with capacity for at least `len` bytes: the smallest
+    /// pooled one that fits, else a new one.
+    fn take(&self, len: usize) -> BytesMut {
+        let pooled = {
+            let mut buffers = self.0.lock();
+            let fitting = buffers
+                .iter()
+                .enumerate()
+                .filter(|(_, buffer)| buffer.capacity() >= len)
+                .min_by_key(|(_, buffer)| buffer.capacity())
+                .map(|(index, _)| index);
+            fitting.map(|index| buffers.swap_remove(index))
+        };
+        pooled.unwrap_or_else(|| BytesMut::with_capacity(len))
+    }
+
+    /// Returns `buffer` for reuse if it is small enough, evicting the
+    /// smallest pooled buffer when full so the pool keeps the larger ones.
+    fn give(&self, mut buffer: BytesMut) {
+        let capacity = buffer.capacity();
+        if capacity == 0 || capacity > POOLED_BUFFER_BYTES_MAX {
+            return;
+        }
+        buffer.clear();
+        let mut buffers = self.0.lock();
+        if buffers.len() < POOLED_BUFFERS_MAX {
+            buffers.push(buffer);
+            return;
+        }
+        let evicted = buffers
+            .iter_mut()
+            .filter(|pooled| pooled.capacity() < capacity)
+            .min_by_key(|pooled| pooled.capacity())
+            .map(|smallest| std::mem::replace(smallest, buffer));
+        drop(buffers);
+        drop(evicted); // freed outside the lock
+    }
 }
 
 async fn transmit<S>(stream: S, session: Session, shutdown: CancellationToken)
@@ -414,6 +469,7 @@ where
         replies,
         request_slots: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
         byte_budget: Arc::new(Semaphore::new(BYTES_IN_FLIGHT_MAX)),
+        payload_buffers: Arc::default(),
         requests: TaskTracker::new(),
     };
 
@@ -528,13 +584,14 @@ where
         } else {
             None
         };
-        let mut payload = Vec::new();
+        let mut payload = BytesMut::new();
         if let Command::Write { length, .. } = command {
-            payload.resize(length as usize, 0);
+            let length = length as usize;
+            payload = connection.payload_buffers.take(length);
             let read = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return ReaderEnd::Shutdown,
-                read = reader.read_exact(&mut payload) => read,
+                read = read_payload(reader, &mut payload, length) => read,
             };
             if let Err(e) = read {
                 return ReaderEnd::Failed(Error::io("read WRITE payload", e));
@@ -550,9 +607,10 @@ where
         let export = Arc::clone(&connection.export);
         let transmission = connection.transmission;
         let replies = connection.replies.clone();
+        let buffers = Arc::clone(&connection.payload_buffers);
         connection.requests.spawn(
             async move {
-                let bytes = execute(export, transmission, &header, command, payload).await;
+                let bytes = execute(export, transmission, &header, command, payload, buffers).await;
                 // Fails only if the writer is gone, which the reader notices.
                 let _ = replies.send(QueuedReply { bytes, _slot: slot, _budget: budget }).await;
             }
@@ -579,6 +637,24 @@ where
         filled += read;
     }
     Ok(true)
+}
+
+/// Reads a WRITE payload into `buf` until it holds `len` bytes, straight into
+/// its spare capacity (no zero-filling first). Reads no further than `len`, so
+/// the next request stays in the stream. An EOF first is an error, as with
+/// `read_exact`.
+async fn read_payload<R>(reader: &mut R, buf: &mut BytesMut, len: usize) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+{
+    while buf.len() < len {
+        let remaining = len - buf.len();
+        let mut unfilled = (&mut *buf).limit(remaining);
+        if reader.read_buf(&mut unfilled).await? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "early eof"));
+        }
+    }
+    Ok(())
 }
 
 /// Reads and drops `len` payload bytes.
@@ -620,10 +696,11 @@ async fn execute(
     transmission: Transmission,
     header: &RequestHeader,
     command: Command,
-    payload: Vec<u8>,
+    payload: BytesMut,
+    buffers: Arc<BufferPool>,
 ) -> ReplyBytes {
     let cookie = header.cookie;
-    let result = tokio::task::spawn_blocking(move || call_export(export.as_ref(), command, payload)).await;
+    let result = tokio::task::spawn_blocking(move || call_export(export.as_ref(), command, payload, &buffers)).await;
     match result {
         Ok(Ok(Outcome::Done)) => transmission.encode_done(cookie, header.command),
         Ok(Ok(Outcome::Read(data))) => {
@@ -651,15 +728,27 @@ async fn execute(
     }
 }
 
-/// The blocking half of [`execute`].
-fn call_export(export: &dyn Export, command: Command, payload: Vec<u8>) -> Result<Outcome, ExportError> {
+/// The blocking half of [`execute`]. A WRITE's `payload` goes back to
+/// `buffers` once the export is done with it.
+fn call_export(
+    export: &dyn Export,
+    command: Command,
+    payload: BytesMut,
+    buffers: &BufferPool,
+) -> Result<Outcome, ExportError> {
     match command {
         Command::Read { offset, length } => {
+            // Zeroed (calloc, so large buffers come zeroed from the kernel):
+            // `Export::read` takes an initialised slice.
             let mut buf = vec![0u8; length as usize];
             export.read(offset, &mut buf)?;
             Ok(Outcome::Read(buf))
         }
-        Command::Write { offset, fua, .. } => export.write(offset, &payload, fua).map(|()| Outcome::Done),
+        Command::Write { offset, fua, .. } => {
+            let written = export.write(offset, &payload, fua);
+            buffers.give(payload);
+            written.map(|()| Outcome::Done)
+        }
         Command::Flush => export.flush().map(|()| Outcome::Done),
         Command::Trim { offset, length, fua } => export.trim(offset, u64::from(length), fua).map(|()| Outcome::Done),
         Command::WriteZeroes { offset, length, may_punch_hole, fua } => {
@@ -707,5 +796,60 @@ where
     }
     if let Err(e) = writer.shutdown().await {
         debug!("failed to shut down the socket: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn read_payload_reads_exactly_len_across_short_reads() {
+        // A 7-byte pipe forces many short reads; the bytes after the payload
+        // (the next request) must stay in the stream.
+        let (mut client, mut server) = tokio::io::duplex(7);
+        let sent: Vec<u8> = (0..100u8).collect();
+        let writer = tokio::spawn(async move { client.write_all(&sent).await });
+        let mut buf = BytesMut::with_capacity(4096);
+        read_payload(&mut server, &mut buf, 60).await.unwrap();
+        assert_eq!(&buf[..], &(0..60u8).collect::<Vec<_>>()[..]);
+        let mut rest = Vec::new();
+        writer.await.unwrap().unwrap();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, (60..100u8).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn read_payload_fails_on_eof_mid_payload() {
+        let mut buf = BytesMut::with_capacity(16);
+        let e = read_payload(&mut &[1u8, 2, 3][..], &mut buf, 16).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(e.to_string(), "early eof"); // as read_exact says
+    }
+
+    #[test]
+    fn buffer_pool_reuses_the_smallest_fitting_buffer_and_stays_bounded() {
+        let pool = BufferPool::default();
+        assert!(pool.take(4096).capacity() >= 4096);
+        let mut big = BytesMut::with_capacity(1 << 20);
+        big.extend_from_slice(&[7; 100]);
+        pool.give(big);
+        pool.give(BytesMut::with_capacity(8192));
+        pool.give(BytesMut::with_capacity(POOLED_BUFFER_BYTES_MAX + 1)); // too large to keep
+        let small = pool.take(4096);
+        assert_eq!((small.capacity(), small.len()), (8192, 0));
+        let reused = pool.take(8193);
+        assert_eq!((reused.capacity(), reused.len()), (1 << 20, 0));
+        assert!(pool.0.lock().is_empty());
+
+        for _ in 0..POOLED_BUFFERS_MAX {
+            pool.give(BytesMut::with_capacity(4096));
+        }
+        pool.give(BytesMut::with_capacity(1 << 20)); // evicts a 4 KiB one
+        pool.give(BytesMut::with_capacity(1024)); // smaller than all: dropped
+        let capacities: Vec<_> = pool.0.lock().iter().map(BytesMut::capacity).collect();
+        assert_eq!(capacities.len(), POOLED_BUFFERS_MAX);
+        assert_eq!(capacities.iter().filter(|&&c| c == 1 << 20).count(), 1);
+        assert!(capacities.iter().all(|&c| c >= 4096));
     }
 }
