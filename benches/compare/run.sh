@@ -21,7 +21,7 @@
 # Environment:
 #   KEEL_BENCH_DIR   parent of the scratch directory (default /var/tmp; must be a real disk)
 #   KEEL_BIN         keel binary (default: target/release/keel, built first)
-#   KEEL_IO_BACKEND  io_backend in Keel's config: auto (default), posix or uring
+#   KEEL_IO_BACKEND  io_backend in Keel's config: posix (default) or uring
 #   SEQ_SIZE         bytes written by the sequential job and range of the random ones (1g)
 #   RAND_RUNTIME     seconds of 4K random writes (15)
 #   LAT_RUNTIME      seconds of each write+flush latency run (8)
@@ -32,7 +32,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 BASE=${KEEL_BENCH_DIR:-/var/tmp}
-IO_BACKEND=${KEEL_IO_BACKEND:-auto}
+IO_BACKEND=${KEEL_IO_BACKEND:-posix}
 SEQ_SIZE=${SEQ_SIZE:-1g}
 RAND_RUNTIME=${RAND_RUNTIME:-15}
 LAT_RUNTIME=${LAT_RUNTIME:-8}

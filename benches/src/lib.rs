@@ -33,7 +33,7 @@ pub fn scratch_dir() -> tempfile::TempDir {
 pub fn env(backend: IoBackend) -> Option<Arc<dyn Env>> {
     match backend {
         IoBackend::Posix => Some(Arc::new(PosixEnv::posix())),
-        other => PosixEnv::new(other).ok().map(|env| Arc::new(env) as Arc<dyn Env>),
+        IoBackend::Uring => PosixEnv::uring().ok().map(|env| Arc::new(env) as Arc<dyn Env>),
     }
 }
 

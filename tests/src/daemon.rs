@@ -27,10 +27,10 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config with `volumes` (name, size such as "64MiB") and starts the node.
     pub fn start(volumes: &[(&str, &str)]) -> Result<Self> {
-        Self::start_with(volumes, "auto")
+        Self::start_with(volumes, "posix")
     }
 
-    /// Like [`Daemon::start`] with an explicit I/O backend (`auto`, `posix`, `uring`).
+    /// Like [`Daemon::start`] with an explicit I/O backend (`posix`, `uring`).
     pub fn start_with(volumes: &[(&str, &str)], io_backend: &str) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("keel-test-").tempdir()?;
         let mut config = format!(

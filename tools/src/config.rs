@@ -23,7 +23,7 @@ pub struct NodeConfig {
     /// Optional TCP listener for NBD, e.g. `127.0.0.1:10809`. Loopback unless you mean it.
     #[serde(default)]
     pub nbd_tcp: Option<SocketAddr>,
-    /// `auto` (io_uring when the kernel allows it), `uring` or `posix`.
+    /// `posix` (default) or `uring` (io_uring, falling back to posix when refused).
     #[serde(default = "default_io_backend")]
     pub io_backend: String,
     /// Seconds between background checkpoints while a volume is written.
@@ -49,7 +49,7 @@ fn default_node_name() -> String {
 }
 
 fn default_io_backend() -> String {
-    "auto".into()
+    "posix".into()
 }
 
 fn default_checkpoint_interval_secs() -> u64 {

@@ -59,7 +59,7 @@ fn mark_io_flusher() {
 pub fn run(config: &NodeConfig) -> Result<()> {
     mark_io_flusher();
     let backend = config.io_backend().map_err(anyhow::Error::msg)?;
-    let env: Arc<dyn Env> = Arc::new(PosixEnv::new(backend).context("failed to start the I/O backend")?);
+    let env: Arc<dyn Env> = Arc::new(PosixEnv::new(backend));
     tracing::info!(node = %config.node_name, backend = env.backend_name(), "starting");
     std::fs::create_dir_all(config.volumes_dir())
         .with_context(|| format!("failed to create {}", config.volumes_dir().display()))?;

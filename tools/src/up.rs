@@ -66,7 +66,7 @@ pub fn run(dir: &Path) -> Result<()> {
         data_dir: node_dir.join("data"),
         nbd_socket: node_dir.join("nbd.sock"),
         nbd_tcp: None,
-        io_backend: "auto".into(),
+        io_backend: "posix".into(),
         checkpoint_interval_secs: 10,
         volumes: vec![VolumeConfig { name: "demo".into(), size: "1GiB".into() }],
     };

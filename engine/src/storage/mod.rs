@@ -6,11 +6,16 @@
 //! fsync) and run the exact code the daemon runs.
 //!
 //! Backends:
-//! - [`PosixEnv`] with [`IoBackend::Posix`]: `pread`/`pwrite`/`fdatasync`/`fallocate`.
-//! - [`PosixEnv`] with [`IoBackend::Uring`]: reads, writes and syncs are submitted to a
-//!   dedicated thread that owns one io_uring; metadata operations stay plain syscalls.
-//!   [`IoBackend::Auto`] probes io_uring once and falls back to POSIX with one log line
-//!   when the kernel refuses it (ENOSYS, EPERM from seccomp or `io_uring_disabled`).
+//! - [`PosixEnv`] with [`IoBackend::Posix`] (the default): `pread`/`pwrite`/`fdatasync`/
+//!   `fallocate`.
+//! - [`PosixEnv`] with [`IoBackend::Uring`]: syncs and page-cache-missing reads are
+//!   submitted to a dedicated thread that owns one io_uring; page-cache copies and
+//!   metadata operations stay plain syscalls (see `uring.rs` for why). It is probed at
+//!   start-up and falls back to POSIX with one log line when the kernel refuses it
+//!   (ENOSYS, EPERM from seccomp or `io_uring_disabled`).
+//!
+//! POSIX is the default because it measured faster on every path of this synchronous
+//! engine: the ring thread's round trip added ~40 µs to each flush (docs/benchmarks.md).
 
 use std::fmt;
 use std::io;
@@ -108,12 +113,10 @@ pub trait Env: Send + Sync + fmt::Debug {
 /// Which implementation [`PosixEnv`] uses for data I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoBackend {
-    /// io_uring when the kernel allows it, else POSIX (logged once).
+    /// Plain `pread`/`pwrite`/`fdatasync` (the default: fastest for this engine).
     #[default]
-    Auto,
-    /// Plain `pread`/`pwrite`/`fdatasync`.
     Posix,
-    /// io_uring; opening the environment fails if the kernel refuses it.
+    /// io_uring for syncs and cache-missing reads; POSIX (logged once) when refused.
     Uring,
 }
 
@@ -121,10 +124,9 @@ impl std::str::FromStr for IoBackend {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "auto" => Ok(Self::Auto),
             "posix" => Ok(Self::Posix),
             "uring" | "io_uring" => Ok(Self::Uring),
-            other => Err(format!("unknown io backend {other:?}; expected auto, posix or uring")),
+            other => Err(format!("unknown io backend {other:?}; expected posix or uring")),
         }
     }
 }

@@ -18,22 +18,22 @@ pub struct PosixEnv {
 }
 
 impl PosixEnv {
-    /// Opens the environment with the requested backend. [`IoBackend::Auto`] probes
-    /// io_uring and falls back to POSIX with one log line; [`IoBackend::Uring`] fails when
-    /// the kernel refuses io_uring.
-    pub fn new(backend: IoBackend) -> io::Result<Self> {
-        let ring = match backend {
-            IoBackend::Posix => None,
-            IoBackend::Uring => Some(Arc::new(Ring::start()?)),
-            IoBackend::Auto => match Ring::start() {
-                Ok(ring) => Some(Arc::new(ring)),
-                Err(e) => {
-                    tracing::info!("io_uring unavailable ({e}); using the pread/pwrite backend");
-                    None
-                }
-            },
-        };
-        Ok(Self { ring })
+    /// Opens the environment with the requested backend. [`IoBackend::Uring`] probes
+    /// io_uring and, when the kernel refuses it (ENOSYS, or EPERM from seccomp or
+    /// `kernel.io_uring_disabled`), falls back to POSIX with one log line.
+    pub fn new(backend: IoBackend) -> Self {
+        match backend {
+            IoBackend::Posix => Self::posix(),
+            IoBackend::Uring => Self::uring().unwrap_or_else(|e| {
+                tracing::warn!("io_uring unavailable ({e}); using the pread/pwrite backend");
+                Self::posix()
+            }),
+        }
+    }
+
+    /// The io_uring backend, or the kernel's refusal.
+    pub fn uring() -> io::Result<Self> {
+        Ok(Self { ring: Some(Arc::new(Ring::start()?)) })
     }
 
     /// The POSIX backend, which cannot fail to start.
@@ -139,16 +139,6 @@ impl PosixFile {
                 return Err(err);
             }
         }
-    }
-
-    /// One `pwritev2(RWF_NOWAIT)`: writes what it can without blocking (a page-cache
-    /// copy). `Ok(None)` when the kernel would have to block or does not support it.
-    pub(crate) fn write_nowait(&self, buf: &[u8], offset: u64) -> io::Result<Option<usize>> {
-        let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
-        // SAFETY: the iovec points at `buf`, valid and unmodified for the whole call; the
-        // kernel only reads from it.
-        let n = unsafe { libc::pwritev2(self.raw_fd(), &iov, 1, to_off(offset)?, libc::RWF_NOWAIT) };
-        nowait_result(n)
     }
 
     /// One `preadv2(RWF_NOWAIT)`: reads what the page cache holds without blocking.

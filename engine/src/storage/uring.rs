@@ -209,10 +209,15 @@ impl UringFile {
     }
 }
 
-/// Reads and writes first try to complete inline with `RWF_NOWAIT` (a page-cache copy
-/// that cannot block) and go through the ring only when they would block: a synchronous
-/// caller gains nothing from handing a memcpy to another thread, and measured 10-20x
-/// slower per 4 KiB write when every call made the round trip (docs/benchmarks.md).
+/// What goes through the ring, and why. The engine's callers are synchronous, so the ring
+/// pays only for operations that would block for a long time anyway:
+/// - syncs always go through the ring;
+/// - reads first try `RWF_NOWAIT` inline (a page-cache hit) and use the ring on a miss;
+/// - buffered writes are page-cache copies and run inline (`pwrite`/`pwritev`): ext4 does
+///   not support `RWF_NOWAIT` for buffered writes (EOPNOTSUPP, checked on Linux 6.18), and
+///   handing each copy to the ring thread measured 10x the CPU per 4 KiB write
+///   (docs/benchmarks.md). They can still block in dirty-page throttling, which is the
+///   backpressure a slow disk should exert.
 impl Storage for UringFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0usize;
@@ -236,20 +241,13 @@ impl Storage for UringFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let inline =
-                if self.inline_first { self.inner.write_nowait(&buf[done..], offset + done as u64)? } else { None };
-            match inline {
-                Some(n) if n > 0 => done += n,
-                _ => return self.ring.write_at(self.inner.raw_fd(), &buf[done..], offset + done as u64),
-            }
+        if self.inline_first {
+            self.inner.write_at(buf, offset)
+        } else {
+            self.ring.write_at(self.inner.raw_fd(), buf, offset)
         }
-        Ok(())
     }
 
-    /// Journal appends (header, payload, padding) go out as one inline `pwritev`: like the
-    /// single-buffer fast path, a page-cache copy that a ring round trip would only slow.
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         if self.inline_first {
             self.inner.write_vectored_at(bufs, offset)

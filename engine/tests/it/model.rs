@@ -111,7 +111,7 @@ proptest! {
     fn volume_matches_model_on_disk_through_io_uring(ops in proptest::collection::vec(op(), 1..80)) {
         // io_uring works on the machines we test on; a kernel that refuses it fails here
         // rather than silently testing the POSIX path twice.
-        let env = PosixEnv::new(keel_engine::IoBackend::Uring).expect("io_uring refused by this kernel");
+        let env = PosixEnv::uring().expect("io_uring refused by this kernel");
         let dir = tempfile::tempdir().unwrap();
         run(Arc::new(env), &dir.path().join("vol"), &ops);
     }

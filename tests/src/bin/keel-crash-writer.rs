@@ -20,7 +20,9 @@ fn main() -> Result<()> {
     };
     let seed: u64 = seed.parse()?;
     let count: usize = count.parse()?;
-    let env = Arc::new(PosixEnv::new(IoBackend::Auto)?);
+    // The io_uring backend here (the daemon trials use the default, POSIX), so both backends
+    // are killed at random moments.
+    let env = Arc::new(PosixEnv::new(IoBackend::Uring));
     // Checkpoint often so kills also land inside checkpoints and segment reuse.
     let options = OpenOptions { checkpoint_interval: Duration::from_millis(50), background_checkpoints: true };
     let (volume, _) = Volume::open(env, dir.as_ref(), &options).context("open volume")?;
