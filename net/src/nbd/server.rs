@@ -814,8 +814,8 @@ mod tests {
         read_payload(&mut server, &mut buf, 60).await.unwrap();
         assert_eq!(&buf[..], &(0..60u8).collect::<Vec<_>>()[..]);
         let mut rest = Vec::new();
-        writer.await.unwrap().unwrap();
         server.read_to_end(&mut rest).await.unwrap();
+        writer.await.unwrap().unwrap();
         assert_eq!(rest, (60..100u8).collect::<Vec<_>>());
     }
 
