@@ -103,7 +103,8 @@ impl Ring {
     /// io_uring, EPERM from seccomp or `kernel.io_uring_disabled`, EACCES, ENOMEM) come
     /// back unchanged, so the caller can fall back to POSIX.
     pub(crate) fn start() -> io::Result<Ring> {
-        let shared = Arc::new(Shared { parked: Mutex::new(false), wake: create_eventfd()? });
+        let shared =
+            Arc::new(Shared { parked: Mutex::new(false), wake: create_eventfd()?, accepted: Default::default() });
         let (requests, queue) = mpsc::sync_channel(REQUEST_QUEUE_DEPTH);
         let (setup_done, setup_result) = mpsc::sync_channel(1);
         let thread_shared = Arc::clone(&shared);
@@ -298,6 +299,9 @@ struct Shared {
     parked: Mutex<bool>,
     /// The eventfd whose armed read ends the thread's wait.
     wake: File,
+    /// Operations handed to the kernel so far (first submissions), for status and for
+    /// tests that wait until an operation is in the kernel.
+    accepted: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -549,6 +553,7 @@ impl Driver {
         self.in_flight += 1;
         let operation = InFlight { request, done: 0, retries: 0 };
         self.submit(slot, operation);
+        self.shared.accepted.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// Pushes the operation's next submission, or fails it if the queue refuses.
@@ -771,6 +776,16 @@ mod tests {
     use std::thread;
 
     /// A ring, or `None` (with the reason printed) where the kernel refuses io_uring.
+    /// Waits until `count` operations were handed to the kernel and the thread sits in
+    /// the kernel again (parked), i.e. the operation is there, not queued.
+    fn wait_until_in_kernel(ring: &Ring, count: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ring.shared.accepted.load(std::sync::atomic::Ordering::Acquire) < count || !*ring.shared.parked.lock() {
+            assert!(std::time::Instant::now() < deadline, "the operation never reached the kernel");
+            thread::yield_now();
+        }
+    }
+
     fn ring_or_skip() -> Option<Arc<Ring>> {
         match Ring::start() {
             Ok(ring) => Some(Arc::new(ring)),
@@ -998,7 +1013,7 @@ mod tests {
                 (filled.map_err(|e| e.to_string()), buf)
             })
         };
-        thread::sleep(Duration::from_millis(50));
+        wait_until_in_kernel(&ring, 1);
 
         let (file, _check) = temp_file(&ring);
         let (done, finished) = mpsc::channel();
@@ -1059,10 +1074,12 @@ mod tests {
                 (result.map_err(|e| e.to_string()), buf)
             })
         };
-        thread::sleep(Duration::from_millis(50));
+        wait_until_in_kernel(&ring, 1);
 
         let injected = ring.call(-1, Op::InjectPanic);
         assert!(injected.is_err());
+        // A negative check (the caller must stay blocked) needs a window to fail in; the
+        // positive waits in these tests wait on state instead.
         thread::sleep(Duration::from_millis(100));
         assert!(!in_kernel.is_finished(), "caller released while its read was still in the kernel");
 
