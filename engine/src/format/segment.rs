@@ -38,7 +38,8 @@ pub enum SlotState {
     /// The slot holds no segment (never used, or erased).
     Free,
     /// Neither copy is readable, which no crash can cause (copies are written and erased
-    /// one at a time, each synced): the media is damaged.
+    /// one at a time, each synced, and recovery rewrites a torn copy before the slot is
+    /// reused): the media is damaged.
     Damaged(String),
 }
 

@@ -130,19 +130,26 @@ impl Superblock {
         if self.size == 0 || self.size % u64::from(self.block_size) != 0 {
             return invalid("size", format!("{} is not a positive multiple of the block size", self.size));
         }
-        if self.segment_bytes < 1 << 20 || self.segment_bytes % 4096 != 0 {
+        if self.segment_bytes < 1 << 20 || self.segment_bytes > 1 << 30 || self.segment_bytes % 4096 != 0 {
             return invalid("segment_bytes", self.segment_bytes.to_string());
         }
         if self.checkpoint_offset < super::SEGMENT_HEADER_LEN as u64 || self.checkpoint_offset > self.segment_bytes {
             return invalid("checkpoint_offset", self.checkpoint_offset.to_string());
         }
-        if self.segment_count_max < 2 {
+        // Far from any value a volume reaches, and leaving room for `+ 1` everywhere.
+        if self.checkpoint_seq >= u64::MAX / 2 {
+            return invalid("checkpoint_seq", self.checkpoint_seq.to_string());
+        }
+        if self.checkpoint_segment == 0 || self.checkpoint_segment >= u64::MAX / 2 {
+            return invalid("checkpoint_segment", self.checkpoint_segment.to_string());
+        }
+        if self.segment_count_max < 2 || self.segment_count_max > 4096 {
             return invalid("segment_count_max", self.segment_count_max.to_string());
         }
-        if !self.change_region_bytes.is_power_of_two() || self.change_region_bytes < 4096 {
+        if !self.change_region_bytes.is_power_of_two() || !(4096..=1 << 30).contains(&self.change_region_bytes) {
             return invalid("change_region_bytes", self.change_region_bytes.to_string());
         }
-        if self.extent_file_bytes == 0 || self.extent_file_bytes % (1 << 20) != 0 {
+        if self.extent_file_bytes == 0 || self.extent_file_bytes > 1 << 44 || self.extent_file_bytes % (1 << 20) != 0 {
             return invalid("extent_file_bytes", self.extent_file_bytes.to_string());
         }
         Ok(())

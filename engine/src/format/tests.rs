@@ -125,3 +125,20 @@ fn slot_header_copies_survive_one_damaged_copy() {
     let foreign = SegmentHeader { volume_id: [6; 16], ..new };
     assert_eq!(SegmentHeader::decode_slot(&area(&foreign.encode(), &zeros), id), SlotState::Free);
 }
+
+/// A superblock with a valid crc but extreme values made recovery overflow (`seq + 1`) or
+/// try to allocate a 4 EiB segment buffer. Fixed: the decoder bounds every field.
+#[test]
+fn superblocks_with_extreme_fields_are_rejected() {
+    let cases: [fn(&mut Superblock); 4] = [
+        |sb| sb.checkpoint_seq = u64::MAX,
+        |sb| sb.checkpoint_segment = u64::MAX,
+        |sb| sb.segment_bytes = 1 << 62,
+        |sb| sb.segment_count_max = u32::MAX,
+    ];
+    for case in cases {
+        let mut sb = superblock();
+        case(&mut sb);
+        assert!(matches!(Superblock::decode(&sb.encode()), Err(FormatError::InvalidField { .. })));
+    }
+}

@@ -49,6 +49,9 @@ const REQUESTS_IN_FLIGHT_MAX: usize = 128;
 const BYTES_IN_FLIGHT_MAX: usize = 64 * 1024 * 1024;
 /// Open connections per listener; more are accepted and closed at once.
 const CONNECTIONS_MAX: usize = 1024;
+/// Payload bytes in flight across all connections of a listener: the per-connection budget
+/// alone would let many clients that never read their replies pin 64 MiB each.
+const SERVER_BYTES_IN_FLIGHT_MAX: usize = 1024 * 1024 * 1024;
 /// Time a client gets from connecting to entering transmission.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time the writer gets to send queued replies once the connection is ending.
@@ -65,6 +68,8 @@ const POOLED_BUFFER_BYTES_MAX: usize = 2 * 1024 * 1024;
 
 const _: () = assert!(BYTES_IN_FLIGHT_MAX >= crate::nbd::PAYLOAD_MAX as usize);
 const _: () = assert!(BYTES_IN_FLIGHT_MAX <= u32::MAX as usize);
+const _: () = assert!(SERVER_BYTES_IN_FLIGHT_MAX >= BYTES_IN_FLIGHT_MAX);
+const _: () = assert!(SERVER_BYTES_IN_FLIGHT_MAX <= u32::MAX as usize);
 
 /// An NBD server: a registry of exports plus the listeners serving them.
 ///
@@ -195,6 +200,7 @@ impl NbdListener {
         info!(%address, "NBD server listening");
         let connections = TaskTracker::new();
         let connection_slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        let server_budget = Arc::new(Semaphore::new(SERVER_BYTES_IN_FLIGHT_MAX));
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -219,11 +225,12 @@ impl NbdListener {
             };
             let exports = Arc::clone(&self.exports);
             let shutdown = shutdown.clone();
+            let server_budget = Arc::clone(&server_budget);
             connections.spawn(
                 async move {
                     match stream {
-                        Stream::Tcp(stream) => run_connection(stream, exports, shutdown).await,
-                        Stream::Unix(stream) => run_connection(stream, exports, shutdown).await,
+                        Stream::Tcp(stream) => run_connection(stream, exports, server_budget, shutdown).await,
+                        Stream::Unix(stream) => run_connection(stream, exports, server_budget, shutdown).await,
                     }
                     drop(slot);
                 }
@@ -306,8 +313,12 @@ async fn accept(listener: &Listener) -> Result<(Stream, Peer), Error> {
 
 /// Runs one connection to completion. Never panics on peer input; every way
 /// out is logged once, here, in the connection's span.
-async fn run_connection<S>(mut stream: S, exports: Arc<ExportRegistry>, shutdown: CancellationToken)
-where
+async fn run_connection<S>(
+    mut stream: S,
+    exports: Arc<ExportRegistry>,
+    server_budget: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     debug!("connection accepted");
@@ -336,7 +347,7 @@ where
         base_allocation = session.base_allocation_id.is_some(),
         "entered transmission"
     );
-    transmit(stream, session, shutdown).await;
+    transmit(stream, session, server_budget, shutdown).await;
 }
 
 /// Drives the handshake. `Ok(None)` means it ended without transmission
@@ -380,7 +391,7 @@ where
 struct QueuedReply {
     bytes: ReplyBytes,
     _slot: OwnedSemaphorePermit,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<Budget>,
 }
 
 /// Why the reader stopped.
@@ -400,6 +411,8 @@ struct Connection {
     replies: mpsc::Sender<QueuedReply>,
     request_slots: Arc<Semaphore>,
     byte_budget: Arc<Semaphore>,
+    /// Shared by every connection of the listener (see [`SERVER_BYTES_IN_FLIGHT_MAX`]).
+    server_budget: Arc<Semaphore>,
     payload_buffers: Arc<BufferPool>,
     requests: TaskTracker,
 }
@@ -451,7 +464,7 @@ impl BufferPool {
     }
 }
 
-async fn transmit<S>(stream: S, session: Session, shutdown: CancellationToken)
+async fn transmit<S>(stream: S, session: Session, server_budget: Arc<Semaphore>, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -469,6 +482,7 @@ where
         replies,
         request_slots: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
         byte_budget: Arc::new(Semaphore::new(BYTES_IN_FLIGHT_MAX)),
+        server_budget,
         payload_buffers: Arc::default(),
         requests: TaskTracker::new(),
     };
@@ -576,8 +590,8 @@ where
                 () = shutdown.cancelled() => return ReaderEnd::Shutdown,
                 () = writer_failed.cancelled() => return ReaderEnd::WriterFailed,
                 // buffer_len ≤ PAYLOAD_MAX ≤ BYTES_IN_FLIGHT_MAX, so this can succeed.
-                permit = Arc::clone(&connection.byte_budget).acquire_many_owned(buffer_len) => match permit {
-                    Ok(permit) => Some(permit),
+                permits = acquire_budget(connection, buffer_len) => match permits {
+                    Ok(permits) => Some(permits),
                     Err(_) => return ReaderEnd::Shutdown,
                 },
             }
@@ -674,11 +688,23 @@ where
     Ok(())
 }
 
+/// A request's share of its connection's and its server's byte budgets.
+type Budget = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Takes `bytes` from the connection's budget, then from the server's. The order is the
+/// same everywhere, and a connection's own permits never exceed the server's budget, so
+/// waiting here is backpressure, never a deadlock.
+async fn acquire_budget(connection: &Connection, bytes: u32) -> Result<Budget, tokio::sync::AcquireError> {
+    let own = Arc::clone(&connection.byte_budget).acquire_many_owned(bytes).await?;
+    let server = Arc::clone(&connection.server_budget).acquire_many_owned(bytes).await?;
+    Ok((own, server))
+}
+
 async fn queue(
     connection: &Connection,
     bytes: ReplyBytes,
     slot: OwnedSemaphorePermit,
-    budget: Option<OwnedSemaphorePermit>,
+    budget: Option<Budget>,
 ) -> Result<(), ()> {
     connection.replies.send(QueuedReply { bytes, _slot: slot, _budget: budget }).await.map_err(|_| ())
 }
