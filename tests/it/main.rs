@@ -6,3 +6,4 @@ mod ext4;
 mod inspect;
 mod malformed;
 mod sigkill;
+mod up;
