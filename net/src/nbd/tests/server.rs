@@ -353,8 +353,14 @@ async fn shutdown_answers_in_flight_requests_and_removes_the_socket() {
     let server = start(&export).await;
     let mut client = TestClient::connect(&server.path, "disk", Negotiate::SIMPLE).await.unwrap();
     let cookie = client.send(CMD_WRITE, 0, 0, 4096, &pattern(8, 4096)).await.unwrap();
-    // Let the server read the request before shutting down.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shut down only once the write is inside the export (it then takes 300 ms there).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while export.calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the write never reached the export");
     let path = server.path.clone();
     server.shutdown.cancel();
     let done = client.recv().await.unwrap();
