@@ -51,6 +51,7 @@
 
 mod error;
 mod nbd;
+pub mod repl;
 
 pub use error::Error;
 /// Fuzzing entry points (feature `fuzzing`, for tests/fuzz only): not a stable API.
