@@ -1,17 +1,28 @@
 #!/usr/bin/env python3
-"""Tables for benches/compare/run.sh from fio's JSON output.
+"""Tables for benches/compare/run.sh and benches/compare/replication.sh.
 
-Usage: report.py WORK_DIR SEQ_SIZE RAND_RUNTIME LAT_RUNTIME LAT_ROUNDS
+Usage: report.py WORK_DIR SEQ_SIZE RAND_RUNTIME LAT_RUNTIME LAT_ROUNDS   (run.sh)
 Reads WORK_DIR/{plain,nbdkit,keel}-{seq,seq2,rand}.json, {plain,nbdkit,keel}-lat-rN.json,
 plain-latdirect-rN.json and the *.server_cpu files run.sh writes next to them.
+
+Usage: report.py replication RESULTS_DIR   (replication.sh)
+Reads quic-rN.jsonl (quic-probe), {single,repl}-seq*.json, {plain,single,repl}-lat-rN.json,
+*.server_cpu (JSON lists: the primary's and the standby's CPU seconds) and
+pgbench-{pgsync,single,repl}-rN.txt; prints what is there and the targets with ✓/✗.
 """
 
+import glob
 import json
 import os
+import re
+import statistics
 import sys
 
 
 def main():
+    if sys.argv[1] == "replication":
+        replication(sys.argv[2])
+        return
     work, seq_size, rand_runtime, lat_runtime = sys.argv[1:5]
     rounds = int(sys.argv[5])
 
@@ -87,6 +98,166 @@ def main():
                 line.append(f"{lat[('keel', 'lat', r)][stat] / lat[(target, name, r)][stat]:.2f}")
         ratios.append(line + [goal])
     show(ratios)
+
+
+def replication(results):
+    """The replication tables: transport, sequential write, write+flush, pgbench, targets."""
+
+    def path(name):
+        return os.path.join(results, name)
+
+    def fio(target, job):
+        with open(path(f"{target}-{job}.json")) as f:
+            return json.load(f)["jobs"][0]
+
+    def server_cpu(target, job):
+        try:
+            with open(path(f"{target}-{job}.server_cpu")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def rounds(pattern):
+        found = sorted(glob.glob(path(pattern)))
+        return [int(re.search(r"-r(\d+)\.", os.path.basename(p)).group(1)) for p in found]
+
+    checks = []  # (target, measured, goal, ok)
+
+    # Transport.
+    probes = {}
+    for r in rounds("quic-r*.jsonl"):
+        with open(path(f"quic-r{r}.jsonl")) as f:
+            probes[r] = [json.loads(line) for line in f if line.strip()]
+    rtt4k = bulk = None
+    if probes:
+        table = [["QUIC, 2 processes on 127.0.0.1", "64 B p50", "64 B p99", "4 KiB p50", "4 KiB p99",
+                  "bulk MiB/s (runs)", "CPU-s/GiB client+server", "lost pkts"]]
+        rtt4k_all, bulk_all = [], []
+        for r, lines in probes.items():
+            rtt = {l["payload_bytes"]: l for l in lines if l["probe"] == "rtt"}
+            bulks = [l for l in lines if l["probe"] == "bulk"]
+            rtt4k_all.append(rtt[4096]["p50_us"])
+            bulk_all += [b["mib_per_s"] for b in bulks]
+            cpu = statistics.median(b["client_cpu_s_per_gib"] + b["server_cpu_s_per_gib"] for b in bulks)
+            lost = sum(l["lost_packets"] for l in lines)
+            table.append([f"probe r{r}", f0(rtt[64]["p50_us"]), f0(rtt[64]["p99_us"]), f0(rtt[4096]["p50_us"]),
+                          f0(rtt[4096]["p99_us"]), " / ".join(f0(b["mib_per_s"]) for b in bulks), f"{cpu:.1f}",
+                          str(lost)])
+        rtt4k = statistics.median(rtt4k_all)
+        bulk = statistics.median(bulk_all)
+        print("QUIC transport (quic-probe: keel_net::quic endpoints, TransportConfig::default(), mTLS)")
+        show(table)
+        print(f"Yardsticks: QUIC RTT = median 4 KiB p50 = {rtt4k:.0f} us; "
+              f"transport ceiling = median bulk = {bulk:.0f} MiB/s\n")
+
+    # Sequential write.
+    if os.path.exists(path("repl-seq.json")):
+        table = [["seq write 1M qd8, 1 GiB, end_fsync (MiB/s)", "single", "replicated", "repl/single",
+                  "repl/QUIC bulk", "CPU ms/MiB single", "CPU ms/MiB primary+standby"]]
+        jobs = ["seq"] + [f"seq-over-r{r}" for r in rounds("repl-seq-over-r*.json")]
+        over = []
+        for job in jobs:
+            single, repl = fio("single", job), fio("repl", job)
+            mib = {t: j["write"]["bw"] / 1024.0 for t, j in (("single", single), ("repl", repl))}
+            mibs = {t: j["write"]["io_bytes"] / 2**20 for t, j in (("single", single), ("repl", repl))}
+            cpu_s, cpu_r = server_cpu("single", job), server_cpu("repl", job)
+            if job != "seq":
+                over.append(mib)
+            table.append([
+                "fresh" if job == "seq" else f"overwrite {job[-2:]}", f0(mib["single"]), f0(mib["repl"]),
+                f"{mib['repl'] / mib['single']:.2f}", "-" if bulk is None else f"{mib['repl'] / bulk:.2f}",
+                "-" if cpu_s is None else f"{cpu_s[0] / mibs['single'] * 1000:.2f}",
+                "-" if cpu_r is None else
+                f"{cpu_r[0] / mibs['repl'] * 1000:.2f} + {cpu_r[1] / mibs['repl'] * 1000:.2f}"])
+        print("Sequential write (fio nbd engine; single = keel daemon without peer, replicated = keel up's primary)")
+        show(table)
+        if bulk is not None and over:
+            repl = statistics.median(m["repl"] for m in over)
+            checks.append(("seq write, overwrite (median): replicated >= 0.8 x QUIC bulk",
+                           f"{repl:.0f} MiB/s = {repl / bulk:.2f} x {bulk:.0f}", "0.80", repl >= 0.8 * bulk))
+
+    # Write+flush latency.
+    lat_rounds = rounds("repl-lat-r*.json")
+    if lat_rounds:
+        table = [["4K write+flush qd1 (us)", "write p50", "flush p50", "flush p90", "flush p99", "flush mean",
+                  "pairs/s", "CPU us/pair (primary+standby)"]]
+        flush = {}
+        for r in lat_rounds:
+            for label, target in (("plain, pwrite + fdatasync", "plain"), ("single-node keel, WRITE + FLUSH", "single"),
+                                  ("replicated keel, WRITE + FLUSH", "repl")):
+                j = fio(target, f"lat-r{r}")
+                w, s = j["write"]["clat_ns"], j["sync"]["lat_ns"]
+                flush[(target, r)] = pct(s, 50)
+                cpu = server_cpu(target, f"lat-r{r}")
+                ops = max(j["write"]["total_ios"], 1)
+                table.append([f"r{r} {label}", f0(pct(w, 50)), f0(pct(s, 50)), f0(pct(s, 90)), f0(pct(s, 99)),
+                              f0(s["mean"] / 1000.0), f0(j["write"]["iops"]),
+                              "-" if cpu is None else " + ".join(f0(c / ops * 1e6) for c in cpu)])
+        print("Write+flush latency (4 KiB randwrite at depth 1, a flush after every write; alternating rounds)")
+        show(table)
+        table = [["flush p50", *(f"r{r}" for r in lat_rounds)]]
+        table.append(["replicated - single (us)", *(f0(flush[("repl", r)] - flush[("single", r)]) for r in lat_rounds)])
+        if rtt4k is not None:
+            table.append(["... in QUIC RTTs", *(f"{(flush[('repl', r)] - flush[('single', r)]) / rtt4k:.2f}"
+                                                for r in lat_rounds)])
+        table.append(["replicated / single", *(f"{flush[('repl', r)] / flush[('single', r)]:.2f}" for r in lat_rounds)])
+        table.append(["replicated / plain fdatasync",
+                      *(f"{flush[('repl', r)] / flush[('plain', r)]:.2f}" for r in lat_rounds)])
+        show(table)
+        if rtt4k is not None:
+            repl = statistics.median(flush[("repl", r)] for r in lat_rounds)
+            single = statistics.median(flush[("single", r)] for r in lat_rounds)
+            budget = single + 1.5 * rtt4k
+            checks.append(("flush p50 (median of rounds): replicated <= single + 1.5 x QUIC RTT",
+                           f"{repl:.0f} us vs {single:.0f} + 1.5 x {rtt4k:.0f} = {budget:.0f} us",
+                           f"{budget:.0f} us", repl <= budget))
+
+    # pgbench.
+    pg_rounds = rounds("pgbench-repl-r*.txt")
+    if pg_rounds:
+        def pgbench(name, r):
+            with open(path(f"pgbench-{name}-r{r}.txt")) as f:
+                text = f.read()
+            tps = float(re.search(r"^tps = ([0-9.]+)", text, re.M).group(1))
+            lat = re.search(r"^latency average = ([0-9.]+) ms", text, re.M)
+            return tps, float(lat.group(1)) if lat else None
+
+        table = [["pgbench TPS (latency avg ms)", "PG sync replication", "single-node keel", "replicated keel",
+                  "repl/PG sync", "repl/single"]]
+        ratios = []
+        for r in pg_rounds:
+            res = {n: pgbench(n, r) for n in ("pgsync", "single", "repl")}
+            ratios.append(res["repl"][0] / res["pgsync"][0])
+            table.append([f"round {r}", *(f"{res[n][0]:.0f} ({res[n][1]:.1f})" for n in ("pgsync", "single", "repl")),
+                          f"{ratios[-1]:.2f}", f"{res['repl'][0] / res['single'][0]:.2f}"])
+        print("pgbench (TPC-B-like; keel: PostgreSQL on ext4 on loop --direct-io=on on nbdfuse)")
+        show(table)
+        ratio = statistics.median(ratios)
+        checks.append(("pgbench TPS (median ratio): replicated keel >= 0.8 x PG sync replication",
+                       f"{ratio:.2f}x", "0.80x", ratio >= 0.8))
+
+    try:
+        with open(path("health.txt")) as f:
+            health = [line.split() for line in f if line.strip()]
+        bad = [" ".join(h) for h in health if h[1:] != ["primary", "1", "UpToDate"]]
+        print(f"Replicated pair before each measurement: {len(health) - len(bad)} of {len(health)} checks "
+              "primary / epoch 1 / standby UpToDate" + (f"; NOT healthy: {'; '.join(bad)}" if bad else ""))
+    except FileNotFoundError:
+        pass
+    try:
+        with open(path("keel-status.json")) as f:
+            status = json.load(f)
+        v = next(v for v in status["volumes"] if v["name"] == "demo")
+        healthy = v["role"] == "primary" and v["epoch"] == 1 and v["peer"]["state"] == "UpToDate"
+        print(f"Replicated pair at the end: {status['node']} {v['role']}, epoch {v['epoch']}, standby "
+              f"{v['peer']['state']}" + ("" if healthy else "  <-- NOT the pair measured from the start (failover?)")
+              + "\n")
+    except (FileNotFoundError, ValueError, KeyError, StopIteration):
+        print("Replicated pair at the end: unknown (no answer from keel status)\n")
+
+    if checks:
+        print("Targets")
+        show([["target", "measured", "goal", ""]] + [[t, m, g, "✓" if ok else "✗"] for t, m, g, ok in checks])
 
 
 def pct(lat, p):

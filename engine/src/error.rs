@@ -62,6 +62,17 @@ pub enum Error {
         /// Why the map cannot answer.
         reason: String,
     },
+    /// A replicated record does not carry the next sequence number: the standby is not
+    /// where the primary thinks it is. Nothing was appended; resynchronise from `expected`.
+    #[error("volume {volume:?}: replicated record has seq {got}, but the next seq here is {expected}; resync from seq {expected}")]
+    SeqMismatch {
+        /// The volume's name.
+        volume: String,
+        /// The seq the next record must carry (last seq + 1).
+        expected: u64,
+        /// The seq the record carried.
+        got: u64,
+    },
     /// Another process holds the volume open.
     #[error("volume directory {dir:?} is locked by another process")]
     Locked {

@@ -32,6 +32,7 @@ mod error;
 pub mod format;
 mod journal;
 mod random;
+mod replica;
 mod storage;
 mod sync;
 #[cfg(any(test, feature = "testing"))]
@@ -42,6 +43,7 @@ pub use changemap::{ChangeMapState, ChangeSet};
 pub use durable::PersistMode;
 pub use error::{Error, Result};
 pub use journal::{list_segments, scan, JournalPosition, ScanEnd, ScanParams, ScannedRecord, SegmentInfo, TornTail};
+pub use replica::{RecordSink, ReplicaRecord, RewindReport};
 pub use storage::{Env, Extent, IoBackend, OpenMode, PosixEnv, Storage};
 pub use volume::{
     OpenOptions, RecoveryReport, Volume, VolumeOptions, VolumeStatus, MAX_VOLUME_BYTES, SNAPSHOT_NAME_MAX_BYTES,

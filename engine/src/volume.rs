@@ -10,12 +10,18 @@
 //! the journal segments with group commit. Checkpoints sync the store and the change map,
 //! then move the superblock's checkpoint forward so older segments can be reused.
 //!
+//! # Replication
+//! The methods a replication layer needs (a record sink on the primary, appending a
+//! primary's records with their seqs on a standby, resync, rewind, epochs) are in
+//! `volume/replication.rs`.
+//!
 //! # Invariants
 //! - Every record with `seq <= checkpoint_seq` is durable in the block store and the
 //!   persisted change map; every record above it is in the journal.
 //! - `checkpoint_seq <= durable_seq <= last_seq`.
 //! - After the first failed write or sync the volume is poisoned: writes and flushes fail,
 //!   reads still work.
+//! - Every superblock write holds `checkpoint_lock`, so writes of `volume.hdr` never race.
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -30,8 +36,15 @@ use crate::changemap::{ChangeMap, ChangeMapState, ChangeSet};
 use crate::durable::{durable_replace, PersistMode};
 use crate::error::{Error, Result};
 use crate::format::{RecordKind, Superblock, FLAG_MAY_PUNCH, NAME_MAX_BYTES, SUPERBLOCK_LEN};
-use crate::journal::{list_segments, scan, AppendError, Journal, ResumePoint, ScanParams, TornTail};
+use crate::journal::{
+    list_segments, scan, AppendError, Journal, JournalPosition, NewRecord, Origin, ResumePoint, ScanParams, TornTail,
+    WaitError,
+};
 use crate::storage::{Env, Extent, OpenMode};
+
+mod replication;
+#[cfg(test)]
+mod tests;
 
 /// File name of the superblock inside a volume directory.
 pub const SUPERBLOCK_FILE: &str = "volume.hdr";
@@ -164,6 +177,9 @@ enum CheckpointMode {
     IfChanged,
     /// Always move the checkpoint to the writer's position (a full journal needs the room).
     Always,
+    /// Sync the store and the change map and write the superblock even when the position
+    /// has not moved: resync writes reached the store without a record.
+    Force,
 }
 
 #[derive(Debug, Default)]
@@ -312,6 +328,7 @@ impl Volume {
         };
         let end = scan(env.as_ref(), &name, &segments, params, |record| {
             let h = &record.header;
+            // The same effects as `Inner::apply`, which needs the volume this replay builds.
             let applied = match h.kind {
                 RecordKind::Write => store.write(h.offset, record.payload),
                 RecordKind::Zero => store.zero(h.offset, h.length, h.flags & FLAG_MAY_PUNCH != 0),
@@ -444,15 +461,11 @@ impl Volume {
         let inner = &self.inner;
         inner.check_range(offset, data.len() as u64)?;
         inner.check_writable()?;
-        let mut seq = inner.journal.position().last_seq;
+        let mut seq = inner.journal.last_seq();
         for (index, piece) in data.chunks(inner.max_payload).enumerate() {
             let at = offset + (index * inner.max_payload) as u64;
             let len = piece.len() as u64;
-            seq = inner.append(RecordKind::Write, 0, at, len, piece, &|_| {
-                inner.store.write(at, piece)?;
-                inner.changemap.mark(at, len, inner.changemap.region_bytes());
-                Ok(())
-            })?;
+            seq = inner.append(NewRecord::local(RecordKind::Write, 0, at, len, piece))?;
         }
         inner.finish(seq, persist)
     }
@@ -463,11 +476,7 @@ impl Volume {
         inner.check_range(offset, len)?;
         inner.check_writable()?;
         let flags = if may_punch { FLAG_MAY_PUNCH } else { 0 };
-        let seq = inner.append(RecordKind::Zero, flags, offset, len, &[], &|_| {
-            inner.store.zero(offset, len, may_punch)?;
-            inner.changemap.mark(offset, len, inner.changemap.region_bytes());
-            Ok(())
-        })?;
+        let seq = inner.append(NewRecord::local(RecordKind::Zero, flags, offset, len, &[]))?;
         inner.finish(seq, persist)
     }
 
@@ -476,19 +485,16 @@ impl Volume {
         let inner = &self.inner;
         inner.check_range(offset, len)?;
         inner.check_writable()?;
-        let seq = inner.append(RecordKind::Trim, 0, offset, len, &[], &|_| {
-            inner.store.zero(offset, len, true)?;
-            inner.changemap.mark(offset, len, inner.changemap.region_bytes());
-            Ok(())
-        })?;
+        let seq = inner.append(NewRecord::local(RecordKind::Trim, 0, offset, len, &[]))?;
         inner.finish(seq, persist)
     }
 
-    /// Makes every write that returned before this call durable. Concurrent flushes share
-    /// one `fdatasync`. Returns the durable seq.
+    /// Makes every record appended before this call durable (writes, and records appended
+    /// by [`Volume::apply_replica`], snapshots included). Concurrent flushes share one
+    /// `fdatasync`. Returns the durable seq.
     pub fn flush(&self) -> Result<u64> {
         self.inner.check_writable()?;
-        self.inner.journal.flush().map_err(|cause| self.inner.poison_with(cause))
+        self.inner.journal.flush().map_err(|e| self.inner.flush_error(e))
     }
 
     /// Records a snapshot point in the journal and makes it durable; returns its seq.
@@ -501,8 +507,8 @@ impl Volume {
             )));
         }
         inner.check_writable()?;
-        let seq = inner.append(RecordKind::Snapshot, 0, 0, 0, name.as_bytes(), &|_| Ok(()))?;
-        inner.journal.flush_to(seq).map_err(|cause| inner.poison_with(cause))?;
+        let seq = inner.append(NewRecord::local(RecordKind::Snapshot, 0, 0, 0, name.as_bytes()))?;
+        inner.journal.flush_to(seq).map_err(|e| inner.flush_error(e))?;
         Ok(seq)
     }
 
@@ -531,7 +537,7 @@ impl Volume {
 
     /// Applies the journal to the block store durably and lets old segments be reused.
     pub fn checkpoint(&self) -> Result<()> {
-        self.inner.checkpoint(CheckpointMode::IfChanged)
+        self.inner.checkpoint(CheckpointMode::IfChanged).map(drop)
     }
 
     /// Current counters.
@@ -610,17 +616,36 @@ impl Inner {
         Error::Poisoned { volume: self.name.clone(), cause: first.clone() }
     }
 
-    fn append(
-        &self,
-        kind: RecordKind,
-        flags: u8,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-        apply: &dyn Fn(u64) -> std::io::Result<()>,
-    ) -> Result<u64> {
+    /// The error a failed flush returns: a failed sync poisons the volume; a target that
+    /// a concurrent rewind discarded does not.
+    fn flush_error(&self, error: WaitError) -> Error {
+        match error {
+            WaitError::Poisoned(cause) => self.poison_with(cause),
+            WaitError::Unreachable { durable_seq } => Error::InvalidArgument(format!(
+                "volume {:?}: the records to flush were discarded by a rewind to seq {durable_seq}",
+                self.name
+            )),
+        }
+    }
+
+    /// Applies a record to the block store and the change map (under the journal lock,
+    /// right after it was appended; and in replay).
+    fn apply(&self, kind: RecordKind, flags: u8, offset: u64, length: u64, payload: &[u8]) -> std::io::Result<()> {
+        match kind {
+            RecordKind::Write => self.store.write(offset, payload)?,
+            RecordKind::Zero => self.store.zero(offset, length, flags & FLAG_MAY_PUNCH != 0)?,
+            RecordKind::Trim => self.store.zero(offset, length, true)?,
+            RecordKind::Barrier | RecordKind::Snapshot => return Ok(()),
+        }
+        self.changemap.mark(offset, length, self.changemap.region_bytes());
+        Ok(())
+    }
+
+    /// Appends `record` and applies it, checkpointing first when the journal is full.
+    fn append(&self, record: NewRecord<'_>) -> Result<u64> {
+        let apply = |_seq: u64| self.apply(record.kind, record.flags, record.offset, record.length, record.payload);
         loop {
-            match self.journal.append(kind, flags, offset, length, payload, apply) {
+            match self.journal.append(record, &apply) {
                 Ok(seq) => {
                     let pressure = self.journal.bytes_since_checkpoint() >= self.checkpoint_pressure_bytes;
                     let spare = self.journal.take_spare_wanted();
@@ -633,31 +658,57 @@ impl Inner {
                     return Ok(seq);
                 }
                 // Backpressure: the writer waits for a checkpoint to free segments.
-                Err(AppendError::Full) => self.checkpoint(CheckpointMode::Always)?,
+                Err(AppendError::Full) => {
+                    self.checkpoint(CheckpointMode::Always)?;
+                }
                 Err(AppendError::Io(context, e)) => return Err(self.poison_with(format!("failed to {context}: {e}"))),
+                Err(AppendError::SeqMismatch { expected }) => {
+                    let got = match record.origin {
+                        Origin::Replica { seq, .. } => seq,
+                        Origin::Local => expected,
+                    };
+                    return Err(Error::SeqMismatch { volume: self.name.clone(), expected, got });
+                }
             }
         }
     }
 
     fn finish(&self, seq: u64, persist: PersistMode) -> Result<u64> {
         if persist == PersistMode::Durable {
-            self.journal.flush_to(seq).map_err(|cause| self.poison_with(cause))?;
+            self.journal.flush_to(seq).map_err(|e| self.flush_error(e))?;
         }
         Ok(seq)
     }
 
-    fn checkpoint(&self, mode: CheckpointMode) -> Result<()> {
+    /// Runs a checkpoint; returns the checkpoint seq it leaves in the superblock.
+    fn checkpoint(&self, mode: CheckpointMode) -> Result<u64> {
         self.check_writable()?;
         let mut checkpointed_data_seq = self.checkpoint_lock.lock();
+        self.checkpoint_locked(&mut checkpointed_data_seq, mode).map(|position| position.last_seq)
+    }
+
+    /// A checkpoint, with `checkpoint_lock` (which holds `checkpointed_data_seq`) held by
+    /// the caller. Returns the position the superblock now names.
+    fn checkpoint_locked(&self, checkpointed_data_seq: &mut u64, mode: CheckpointMode) -> Result<JournalPosition> {
+        self.check_writable()?;
         let (position, bytes) = self.journal.checkpoint_snapshot();
+        let unchanged = {
+            let sb = self.superblock.lock();
+            JournalPosition {
+                segment_no: sb.checkpoint_segment,
+                offset: sb.checkpoint_offset,
+                last_seq: sb.checkpoint_seq,
+                last_data_seq: *checkpointed_data_seq,
+            }
+        };
         // Only barriers since the last checkpoint (flushes append them): nothing to apply.
         if mode == CheckpointMode::IfChanged && position.last_data_seq == *checkpointed_data_seq {
-            return Ok(());
+            return Ok(unchanged);
         }
-        if position.last_seq == self.superblock.lock().checkpoint_seq {
-            return Ok(());
+        if mode != CheckpointMode::Force && position.last_seq == unchanged.last_seq {
+            return Ok(unchanged);
         }
-        self.journal.flush_to(position.last_seq).map_err(|cause| self.poison_with(cause))?;
+        self.journal.flush_to(position.last_seq).map_err(|e| self.flush_error(e))?;
         let fail = |what: &str, e: std::io::Error| self.poison_with(format!("failed to {what}: {e}"));
         self.store.sync().map_err(|e| fail("sync the block store", e))?;
         self.changemap.persist().map_err(|e| fail("persist the change map", e))?;
@@ -673,7 +724,7 @@ impl Inner {
         self.journal.checkpointed(position, bytes);
         *checkpointed_data_seq = position.last_data_seq;
         tracing::debug!(volume = %self.name, seq = position.last_seq, "checkpoint");
-        Ok(())
+        Ok(position)
     }
 
     /// The background thread: checkpoints every `interval` while data arrives (or at once
@@ -715,7 +766,7 @@ impl Inner {
 
     fn close(&self) -> Result<()> {
         self.check_writable()?;
-        self.journal.flush().map_err(|cause| self.poison_with(cause))?;
-        self.checkpoint(CheckpointMode::IfChanged)
+        self.journal.flush().map_err(|e| self.flush_error(e))?;
+        self.checkpoint(CheckpointMode::IfChanged).map(drop)
     }
 }

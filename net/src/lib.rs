@@ -50,7 +50,9 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod events;
 mod nbd;
+pub mod quic;
 pub mod repl;
 
 pub use error::Error;

@@ -3,7 +3,10 @@
 
 mod blackbox;
 mod ext4;
+mod failover;
 mod inspect;
 mod malformed;
+mod partition;
+mod postgres;
 mod sigkill;
 mod up;

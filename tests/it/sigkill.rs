@@ -4,21 +4,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use keel_engine::{OpenOptions, PosixEnv, Volume, VolumeOptions};
 use keel_tests::daemon::{workspace_bin, Daemon};
 use keel_tests::nbd_client::NbdClient;
-use keel_tests::workload::{generate, verify, write_payload, Op, SECTOR};
-use rand::{Rng, SeedableRng};
-
-fn seeded(test: &str) -> (rand::rngs::StdRng, u64) {
-    let seed = std::env::var("KEEL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
-    eprintln!("{test}: KEEL_TEST_SEED={seed}");
-    (rand::rngs::StdRng::seed_from_u64(seed), seed)
-}
+use keel_tests::workload::{generate, seeded, verify, Load};
+use rand::Rng;
 
 /// A random pause that decides *where* between two acknowledgements the kill lands. It
 /// waits for nothing; the test's progress is driven by the acks it reads.
@@ -79,30 +72,6 @@ fn engine_process_killed_at_random_loses_no_acknowledged_write() {
     }
 }
 
-/// Runs `ops` over NBD against the part of the volume starting at `base`, recording in
-/// `acked` how many ops were covered by an acknowledged flush or FUA write, until the
-/// daemon dies or the ops run out.
-fn run_client(mut client: NbdClient, seed: u64, base: u64, ops: &[Op], acked: &AtomicUsize) {
-    for (index, op) in ops.iter().enumerate() {
-        let result = match *op {
-            Op::Write { sector, sectors, fua } => {
-                client.write(base + sector * SECTOR, &write_payload(seed, index as u64, sector, sectors), fua)
-            }
-            Op::Zero { sector, sectors, trim: true } => client.trim(base + sector * SECTOR, (sectors * SECTOR) as u32),
-            Op::Zero { sector, sectors, trim: false } => {
-                client.write_zeroes(base + sector * SECTOR, (sectors * SECTOR) as u32)
-            }
-            Op::Flush => client.flush(),
-        };
-        if result.is_err() {
-            return; // the daemon died under us
-        }
-        if op.is_barrier() {
-            acked.store(index + 1, Ordering::SeqCst);
-        }
-    }
-}
-
 /// Several connections write disjoint parts of one volume concurrently (so their flushes
 /// share group commits) while the daemon is killed with SIGKILL at a random moment; each
 /// connection's acknowledged writes must survive.
@@ -119,42 +88,16 @@ fn daemon_killed_under_nbd_load_loses_no_acknowledged_write() {
         // Start from a known state: zero the volume and make it durable.
         setup.write_zeroes(0, SIZE as u32).unwrap();
         setup.flush().unwrap();
-        let mut workers = Vec::new();
-        for client_index in 0..CLIENTS {
-            let client_seed = seed.wrapping_add(trial * CLIENTS + client_index);
-            let ops = Arc::new(generate(client_seed, PART, OPS));
-            let acked = Arc::new(AtomicUsize::new(0));
-            let client = NbdClient::connect(&daemon.socket(), "crash").unwrap();
-            let thread = {
-                let (ops, acked) = (ops.clone(), acked.clone());
-                std::thread::spawn(move || run_client(client, client_seed, client_index * PART, &ops, &acked))
-            };
-            workers.push((client_seed, ops, acked, thread));
-        }
-        let kill_after = rng.gen_range(1..120);
-        while workers.iter().map(|w| w.2.load(Ordering::SeqCst)).sum::<usize>() < kill_after
-            && !workers.iter().all(|w| w.3.is_finished())
-        {
-            std::thread::yield_now();
-        }
+        let seeds: Vec<u64> = (0..CLIENTS).map(|i| seed.wrapping_add(trial * CLIENTS + i)).collect();
+        let load = Load::start(&daemon.socket(), "crash", &seeds, PART, OPS).unwrap();
+        load.wait_acked(rng.gen_range(1..120));
         random_moment(&mut rng);
         daemon.kill9();
         daemon.restart().unwrap();
         let mut reader = NbdClient::connect(&daemon.socket(), "crash").unwrap();
-        for (client_index, (client_seed, ops, acked, thread)) in workers.into_iter().enumerate() {
-            thread.join().unwrap();
-            let acked = acked.load(Ordering::SeqCst);
-            let mut contents = vec![0u8; PART as usize];
-            for (i, chunk) in contents.chunks_mut(1 << 20).enumerate() {
-                reader.read(client_index as u64 * PART + ((i as u64) << 20), chunk).unwrap();
-            }
-            eprintln!("trial {trial} client {client_index}: daemon killed after {acked} acknowledged ops");
-            if let Err(violation) = verify(client_seed, &ops, acked, OPS, &contents) {
-                panic!(
-                    "trial {trial} client {client_index} (seed {client_seed}), {acked} ops acknowledged: {violation}\n{}",
-                    daemon.log()
-                );
-            }
+        match load.verify(&mut reader) {
+            Ok(acked) => eprintln!("trial {trial}: daemon killed after {acked:?} acknowledged ops"),
+            Err(violations) => panic!("trial {trial}: {violations}\n{}", daemon.log()),
         }
     }
 }

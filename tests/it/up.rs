@@ -1,5 +1,6 @@
-//! `keel up`, the README's first command: it starts a node, writes `up.json` with the
-//! volume's NBD URI, serves real clients there, and stops cleanly on Ctrl-C.
+//! `keel up`, the README's first command: it starts a witness and a replicated pair,
+//! writes `up.json` with the volume's NBD URI on its primary, serves real clients there,
+//! and stops cleanly on Ctrl-C.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -52,7 +53,10 @@ fn keel_up_serves_the_demo_volume_and_stops_on_ctrl_c() {
     let volume = &state["volumes"][0];
     assert_eq!(volume["name"], "demo");
     assert_eq!(volume["size"], 1u64 << 30);
-    assert_eq!(state["nodes"][0]["role"], "primary");
+    let roles: Vec<&str> = state["nodes"].as_array().unwrap().iter().map(|n| n["role"].as_str().unwrap()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "primary").count(), 1, "{state}");
+    assert_eq!(roles.iter().filter(|r| **r == "standby").count(), 1, "{state}");
+    assert_eq!(roles.iter().filter(|r| **r == "witness").count(), 1, "{state}");
     let uri = volume["nbd_uri"].as_str().unwrap().to_string();
     assert!(uri.starts_with("nbd+unix:///demo?socket="), "{uri}");
 
@@ -82,6 +86,8 @@ fn keel_up_serves_the_demo_volume_and_stops_on_ctrl_c() {
     let status = wait_for("keel up to exit", Duration::from_secs(60), || Ok(up.0.try_wait()?)).unwrap();
     assert!(status.success(), "keel up exited with {status}");
     assert!(!state_path.exists(), "up.json left behind");
-    let log = std::fs::read_to_string(dir.path().join("node1/keel.log")).unwrap();
-    assert!(log.contains("closed"), "the node did not close its volume cleanly:\n{log}");
+    for node in ["node-a", "node-b"] {
+        let log = std::fs::read_to_string(dir.path().join(node).join("keel.log")).unwrap();
+        assert!(log.contains("closed"), "{node} did not close its volume cleanly:\n{log}");
+    }
 }

@@ -2,8 +2,11 @@
 //! control, a small blocking NBD client, a deterministic, self-verifying workload for
 //! crash trials, external commands with deadlines, and the nbdfuse + loop + ext4 stack.
 
+pub mod cluster;
 pub mod cmd;
 pub mod daemon;
 pub mod mount;
 pub mod nbd_client;
+pub mod netns;
+pub mod proxy;
 pub mod workload;

@@ -6,8 +6,12 @@
 //! whether that is allowed: the last op at or before the last acknowledged flush that
 //! touched the sector, or any op after it — never an older value, never garbage.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::nbd_client::NbdClient;
 
 /// Sector size the workload addresses.
 pub const SECTOR: u64 = 512;
@@ -132,6 +136,125 @@ pub fn verify(seed: u64, ops: &[Op], acked: usize, issued: usize, contents: &[u8
         }
     }
     Ok(())
+}
+
+/// The test's random generator and its seed (`KEEL_TEST_SEED` pins it; the seed is printed).
+pub fn seeded(test: &str) -> (rand::rngs::StdRng, u64) {
+    let seed = std::env::var("KEEL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: KEEL_TEST_SEED={seed}");
+    (rand::rngs::StdRng::seed_from_u64(seed), seed)
+}
+
+/// Runs `ops` over NBD against the part of the volume starting at `base`, recording in
+/// `acked` how many ops were covered by an acknowledged flush or FUA write, until the
+/// daemon dies or the ops run out.
+pub fn run_client(mut client: NbdClient, seed: u64, base: u64, ops: &[Op], acked: &AtomicUsize) {
+    for (index, op) in ops.iter().enumerate() {
+        let result = match *op {
+            Op::Write { sector, sectors, fua } => {
+                client.write(base + sector * SECTOR, &write_payload(seed, index as u64, sector, sectors), fua)
+            }
+            Op::Zero { sector, sectors, trim: true } => client.trim(base + sector * SECTOR, (sectors * SECTOR) as u32),
+            Op::Zero { sector, sectors, trim: false } => {
+                client.write_zeroes(base + sector * SECTOR, (sectors * SECTOR) as u32)
+            }
+            Op::Flush => client.flush(),
+        };
+        if result.is_err() {
+            return; // the daemon died under us
+        }
+        if op.is_barrier() {
+            acked.store(index + 1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Several NBD clients, each running its own generated ops against its own part of a
+/// volume and recording how many were covered by an acknowledged FLUSH or FUA write, until
+/// the server dies under them or the ops run out.
+pub struct Load {
+    part: u64,
+    ops_per_client: usize,
+    clients: Vec<LoadClient>,
+}
+
+struct LoadClient {
+    seed: u64,
+    ops: std::sync::Arc<Vec<Op>>,
+    acked: std::sync::Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Load {
+    /// Starts one client per seed on `export` at `socket`; client `i` writes the `part`
+    /// bytes starting at `i * part`.
+    pub fn start(
+        socket: &std::path::Path,
+        export: &str,
+        seeds: &[u64],
+        part: u64,
+        ops_per_client: usize,
+    ) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for (index, &seed) in seeds.iter().enumerate() {
+            let ops = std::sync::Arc::new(generate(seed, part, ops_per_client));
+            let acked = std::sync::Arc::new(AtomicUsize::new(0));
+            let client = NbdClient::connect(socket, export)?;
+            let base = index as u64 * part;
+            let thread = {
+                let (ops, acked) = (ops.clone(), acked.clone());
+                std::thread::spawn(move || run_client(client, seed, base, &ops, &acked))
+            };
+            clients.push(LoadClient { seed, ops, acked, thread });
+        }
+        Ok(Self { part, ops_per_client, clients })
+    }
+
+    /// Ops acknowledged so far, over all clients.
+    pub fn acked(&self) -> usize {
+        self.clients.iter().map(|c| c.acked.load(Ordering::SeqCst)).sum()
+    }
+
+    /// Whether every client has stopped (its ops ran out, or the server failed it).
+    pub fn finished(&self) -> bool {
+        self.clients.iter().all(|c| c.thread.is_finished())
+    }
+
+    /// Spins until `n` ops are acknowledged or every client stopped; progress comes from
+    /// the acknowledgements, not from time.
+    pub fn wait_acked(&self, n: usize) {
+        while self.acked() < n && !self.finished() {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Waits for every client to stop, then checks each one's part as read through
+    /// `reader`: every acknowledged op is there, nothing holds garbage. Returns the
+    /// acknowledged counts, or every violation found (with the client's seed).
+    pub fn verify(self, reader: &mut NbdClient) -> Result<Vec<usize>, String> {
+        let mut counts = Vec::new();
+        let mut violations = Vec::new();
+        for (index, client) in self.clients.into_iter().enumerate() {
+            client.thread.join().map_err(|_| format!("client {index} panicked"))?;
+            let acked = client.acked.load(Ordering::SeqCst);
+            let mut contents = vec![0u8; self.part as usize];
+            for (i, chunk) in contents.chunks_mut(1 << 20).enumerate() {
+                reader
+                    .read(index as u64 * self.part + ((i as u64) << 20), chunk)
+                    .map_err(|e| format!("read client {index}'s part: {e}"))?;
+            }
+            if let Err(violation) = verify(client.seed, &client.ops, acked, self.ops_per_client, &contents) {
+                violations
+                    .push(format!("client {index} (seed {}), {acked} ops acknowledged: {violation}", client.seed));
+            }
+            counts.push(acked);
+        }
+        if violations.is_empty() {
+            Ok(counts)
+        } else {
+            Err(violations.join("\n"))
+        }
+    }
 }
 
 #[cfg(test)]

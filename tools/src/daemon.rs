@@ -95,8 +95,8 @@ pub fn run(config: &NodeConfig) -> Result<()> {
             ),
         }
     }
-    let exports: Vec<Arc<dyn Export>> =
-        volumes.iter().map(|v| Arc::new(VolumeExport::new(Arc::clone(v))) as Arc<dyn Export>).collect();
+    let events = keel_net::events::EventLog::open(&config.data_dir.join("events.jsonl"), &config.node_name)
+        .with_context(|| format!("failed to open the event log in {}", config.data_dir.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keel-io")
@@ -105,7 +105,32 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         .max_blocking_threads(BLOCKING_THREADS_MAX)
         .build()
         .context("failed to start the async runtime")?;
-    let served = runtime.block_on(serve(config, exports));
+    let served = runtime.block_on(async {
+        // The QUIC endpoint needs the runtime, so replication is built inside it.
+        let replication = crate::replication::build(config, &volumes, &events)?;
+        let refused = replication.as_ref().map(|r| r.refused.clone()).unwrap_or_default();
+        let exports: Vec<Arc<dyn Export>> = volumes
+            .iter()
+            .filter(|v| !refused.iter().any(|name| name == v.name()))
+            .map(|v| match replication.as_ref().and_then(|r| r.ctx.volumes.get(v.name())) {
+                Some(rv) => Arc::new(VolumeExport::replicated(Arc::clone(rv))) as Arc<dyn Export>,
+                None => Arc::new(VolumeExport::new(Arc::clone(v))) as Arc<dyn Export>,
+            })
+            .collect();
+        let control = Arc::new(crate::replication::Control {
+            ctx: replication.as_ref().map(|r| Arc::clone(&r.ctx)),
+            single: volumes
+                .iter()
+                .filter(|v| replication.as_ref().is_none_or(|r| !r.ctx.volumes.contains_key(v.name())))
+                .filter(|v| !refused.iter().any(|name| name == v.name()))
+                .cloned()
+                .collect(),
+            events: Arc::clone(&events),
+            node: config.node_name.clone(),
+            nbd_socket: config.nbd_socket.clone(),
+        });
+        serve(config, exports, replication, control).await
+    });
     // Every connection is gone: close the volumes (flush and checkpoint).
     drop(runtime);
     for volume in volumes {
@@ -121,9 +146,27 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     served
 }
 
-async fn serve(config: &NodeConfig, exports: Vec<Arc<dyn Export>>) -> Result<()> {
+async fn serve(
+    config: &NodeConfig,
+    exports: Vec<Arc<dyn Export>>,
+    replication: Option<crate::replication::Replication>,
+    control: Arc<crate::replication::Control>,
+) -> Result<()> {
     let server = NbdServer::new(exports)?;
     let shutdown = CancellationToken::new();
+    let control_socket = config.data_dir.join("control.sock");
+    let control_task = {
+        let (path, shutdown) = (control_socket.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::control::serve(&path, control, shutdown).await {
+                tracing::error!("control socket failed: {e:#}");
+            }
+        })
+    };
+    let replication_task = replication.as_ref().map(|r| {
+        let (ctx, allowed) = (Arc::clone(&r.ctx), r.allowed.clone());
+        tokio::spawn(keel_net::repl::node::run(ctx, allowed))
+    });
     if let Some(parent) = config.nbd_socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
     }
@@ -140,11 +183,17 @@ async fn serve(config: &NodeConfig, exports: Vec<Arc<dyn Export>>) -> Result<()>
     tracing::info!("shutting down: finishing in-flight requests");
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
+    if let (Some(r), Some(task)) = (&replication, replication_task) {
+        r.ctx.shutdown.cancel();
+        let _ = task.await;
+    }
+    let _ = control_task.await;
     let _ = std::fs::remove_file(&config.nbd_socket);
+    let _ = std::fs::remove_file(&control_socket);
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
+pub(crate) async fn wait_for_signal() -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

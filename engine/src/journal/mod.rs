@@ -8,21 +8,30 @@
 //! `fdatasync` of the segments written since the last sync serves every flusher waiting
 //! at that moment, after which a barrier record notes the new durable watermark (recovery
 //! uses it to tell a torn tail from corruption; see docs/format-journal.md).
+//!
+//! Only write, zero, trim and snapshot records take a sequence number. A barrier carries
+//! the seq of the record before it: barriers are node-local (each node group-commits on
+//! its own schedule), and a standby must give every replicated record the same seq as its
+//! primary did. Journals written before this change have barriers that took a seq of
+//! their own; the scan reads both forms.
 
 mod group_commit;
 mod scan;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::format::{RecordHeader, RecordKind, SegmentHeader, SEGMENT_HEADER_COPY_LEN, SEGMENT_HEADER_LEN};
 use crate::random::random_u64;
+use crate::replica::{RecordSink, ReplicaRecord};
 use crate::storage::{Env, OpenMode, Storage};
 
-pub(crate) use group_commit::DurableTracker;
+pub(crate) use group_commit::{DurableTracker, WaitError};
 pub use scan::{list_segments, scan, ScanEnd, ScanParams, ScannedRecord, SegmentInfo, TornTail};
+pub(crate) use scan::{read_segment, walk_segment};
 
 /// Directory of the segment files inside a volume directory.
 pub(crate) const JOURNAL_DIR: &str = "journal";
@@ -54,6 +63,45 @@ pub(crate) enum AppendError {
     Full,
     /// An I/O call failed: the volume must poison itself.
     Io(String, std::io::Error),
+    /// A replicated record's seq is not the next one; nothing was appended.
+    SeqMismatch {
+        /// The seq the next record must carry.
+        expected: u64,
+    },
+}
+
+/// A record to append (the journal assigns or checks its seq).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewRecord<'a> {
+    pub(crate) kind: RecordKind,
+    pub(crate) flags: u8,
+    pub(crate) offset: u64,
+    pub(crate) length: u64,
+    pub(crate) payload: &'a [u8],
+    pub(crate) origin: Origin,
+}
+
+impl<'a> NewRecord<'a> {
+    /// A record written by this node: it gets the next seq and the writer's epoch.
+    pub(crate) fn local(kind: RecordKind, flags: u8, offset: u64, length: u64, payload: &'a [u8]) -> Self {
+        Self { kind, flags, offset, length, payload, origin: Origin::Local }
+    }
+}
+
+/// Where a record's seq and epoch come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Written here: the next seq (none for a barrier) and the writer's epoch.
+    Local,
+    /// Shipped by a primary: exactly this seq, which must be the next one, and its epoch.
+    Replica { seq: u64, epoch: u64 },
+}
+
+/// What a rewind found and where it left the writer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RewoundTo {
+    /// The fresh segment the journal continues in (replay starts at its first record).
+    pub(crate) segment_no: u64,
 }
 
 #[derive(Debug)]
@@ -91,6 +139,12 @@ struct Writer {
     bytes_since_checkpoint: u64,
     /// `journal/spare.tmp` is complete and synced.
     spare_ready: bool,
+    /// Called with every non-barrier record right after it is appended.
+    sink: Option<Arc<dyn RecordSink>>,
+    /// Write barriers the old way, each taking a seq of its own, so tests can check that
+    /// recovery still reads journals written before barriers stopped taking seqs.
+    #[cfg(test)]
+    legacy_barriers: bool,
 }
 
 /// The journal of one volume.
@@ -106,6 +160,10 @@ pub(crate) struct Journal {
     /// Set by a roll that left no free slot and no spare: the owner should call
     /// [`Journal::prepare_spare`] from a background thread.
     spare_wanted: std::sync::atomic::AtomicBool,
+    /// Mirrors of the writer's last seq and epoch, stored under the writer lock, so
+    /// accessors need not wait for an append (which may be rolling a segment).
+    last_seq: AtomicU64,
+    epoch: AtomicU64,
 }
 
 /// Where the writer resumes after recovery.
@@ -199,9 +257,14 @@ impl Journal {
                 checkpoint_segment_no: resume.checkpoint_segment_no,
                 bytes_since_checkpoint: 0,
                 spare_ready: false,
+                sink: None,
+                #[cfg(test)]
+                legacy_barriers: false,
             }),
             tracker: DurableTracker::new(resume.next_seq - 1),
             spare_wanted: std::sync::atomic::AtomicBool::new(true),
+            last_seq: AtomicU64::new(resume.next_seq - 1),
+            epoch: AtomicU64::new(resume.epoch),
         })
     }
 
@@ -214,39 +277,79 @@ impl Journal {
 
     /// Appends one record and, still holding the journal lock, runs `apply` (which
     /// applies the record to the block store and the change map), so the store sees
-    /// records in journal order. Returns the record's seq.
+    /// records in journal order, then hands the record to the sink, if one is set.
+    /// Returns the record's seq (for a barrier: the seq of the record before it).
     pub(crate) fn append(
         &self,
-        kind: RecordKind,
-        flags: u8,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
+        record: NewRecord<'_>,
         apply: &dyn Fn(u64) -> std::io::Result<()>,
     ) -> Result<u64, AppendError> {
-        let mut w = self.writer.lock();
+        let mut guard = self.writer.lock();
+        let w = &mut *guard;
+        let NewRecord { kind, flags, offset, length, payload, origin } = record;
+        let barrier = kind == RecordKind::Barrier;
+        #[cfg(test)]
+        let barrier_takes_seq = barrier && w.legacy_barriers;
+        #[cfg(not(test))]
+        let barrier_takes_seq = false;
+        let takes_seq = !barrier || barrier_takes_seq;
+        let (seq, epoch) = match origin {
+            Origin::Local if takes_seq => (w.next_seq, w.epoch),
+            Origin::Local => (w.next_seq - 1, w.epoch),
+            Origin::Replica { seq, epoch } => {
+                // Checked before anything is written: a mismatch leaves the journal as it was.
+                if barrier || seq != w.next_seq {
+                    return Err(AppendError::SeqMismatch { expected: w.next_seq });
+                }
+                (seq, epoch)
+            }
+        };
         let record_len = RecordHeader::encoded_len(payload.len()) as u64;
         if w.offset + record_len > self.segment_bytes {
-            self.roll(&mut w)?;
+            self.roll(w)?;
         }
-        let seq = w.next_seq;
-        let header = RecordHeader::new(kind, flags, seq, w.epoch, offset, length).encode_header(payload, w.nonce);
+        let header = RecordHeader::new(kind, flags, seq, epoch, offset, length).encode_header(payload, w.nonce);
         let padding = [0u8; crate::format::RECORD_ALIGN];
         let padding = &padding[..RecordHeader::padding_len(payload.len())];
         let file = Arc::clone(&w.slots[w.active].file);
         file.write_vectored_at(&[&header, payload, padding], w.offset)
             .map_err(|e| AppendError::Io(format!("append record seq {seq} to journal segment {}", w.segment_no), e))?;
         w.offset += record_len;
-        w.next_seq += 1;
+        if takes_seq {
+            w.next_seq += 1;
+            self.last_seq.store(seq, Ordering::Release);
+        }
         w.bytes_since_checkpoint += record_len;
         if matches!(kind, RecordKind::Write | RecordKind::Zero | RecordKind::Trim) {
             w.last_data_seq = seq;
         }
         apply(seq).map_err(|e| AppendError::Io(format!("apply record seq {seq} to the block store"), e))?;
+        if !barrier {
+            if let Some(sink) = &w.sink {
+                sink.appended(&ReplicaRecord { seq, epoch, kind, flags, offset, length, payload });
+            }
+        }
         Ok(seq)
     }
 
     fn roll(&self, w: &mut Writer) -> Result<(), AppendError> {
+        let (index, nonce) = self.start_segment(w, w.next_seq)?;
+        let old = Arc::clone(&w.slots[w.active].file);
+        w.unsynced.push(old);
+        w.active = index;
+        w.segment_no += 1;
+        w.nonce = nonce;
+        w.offset = SEGMENT_HEADER_LEN as u64;
+        if !w.spare_ready && w.slots.len() < self.segment_count_max && !w.has_free_slot() {
+            self.spare_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Writes the header of segment `w.segment_no + 1`, starting at `first_seq`, into a
+    /// free slot (or a new one) and returns the slot's index and the segment's nonce. The
+    /// writer still points at the old segment: the caller moves it.
+    fn start_segment(&self, w: &mut Writer, first_seq: u64) -> Result<(usize, u64), AppendError> {
         let io = |what: &str, e| AppendError::Io(format!("{what} for journal segment {}", w.segment_no + 1), e);
         let free = w
             .slots
@@ -274,21 +377,13 @@ impl Journal {
         };
         let segment_no = w.segment_no + 1;
         let nonce = random_u64();
-        let header =
-            SegmentHeader { segment_no, first_seq: w.next_seq, epoch: w.epoch, volume_id: self.volume_id, nonce };
+        let header = SegmentHeader { segment_no, first_seq, epoch: w.epoch, volume_id: self.volume_id, nonce };
         let file = Arc::clone(&w.slots[index].file);
+        // From here the slot no longer holds its old segment, whatever happens next.
+        w.slots[index].segment_no = None;
         write_slot_header(file.as_ref(), &header).map_err(|e| io("write the header", e))?;
-        let old = Arc::clone(&w.slots[w.active].file);
-        w.unsynced.push(old);
         w.slots[index].segment_no = Some(segment_no);
-        w.active = index;
-        w.segment_no = segment_no;
-        w.nonce = nonce;
-        w.offset = SEGMENT_HEADER_LEN as u64;
-        if !w.spare_ready && w.slots.len() < self.segment_count_max && !w.has_free_slot() {
-            self.spare_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
+        Ok((index, nonce))
     }
 
     /// True once after a roll (or the open) that left the journal wanting a spare slot.
@@ -313,15 +408,15 @@ impl Journal {
         Ok(())
     }
 
-    /// Makes every data record appended so far durable (group commit), then notes the
-    /// new watermark in a barrier record.
-    pub(crate) fn flush(&self) -> Result<u64, String> {
-        let target = self.writer.lock().last_data_seq;
-        self.flush_to(target)
+    /// Makes every record appended so far durable (group commit), then notes the new
+    /// watermark in a barrier record. Costs nothing when only barriers arrived since the
+    /// last sync: they take no seq.
+    pub(crate) fn flush(&self) -> Result<u64, WaitError> {
+        self.flush_to(self.last_seq())
     }
 
     /// Makes every record up to `target` durable.
-    pub(crate) fn flush_to(&self, target: u64) -> Result<u64, String> {
+    pub(crate) fn flush_to(&self, target: u64) -> Result<u64, WaitError> {
         self.tracker.wait_durable(target, || {
             let (covered, files) = {
                 let mut w = self.writer.lock();
@@ -334,8 +429,16 @@ impl Journal {
             }
             // Best effort: a barrier that cannot be appended (journal full) only narrows
             // what recovery can prove, never what is durable.
-            match self.append(RecordKind::Barrier, 0, covered, 0, &[], &|_| Ok(())) {
-                Ok(_) | Err(AppendError::Full) => {}
+            let barrier = NewRecord {
+                kind: RecordKind::Barrier,
+                flags: 0,
+                offset: covered,
+                length: 0,
+                payload: &[],
+                origin: Origin::Local,
+            };
+            match self.append(barrier, &|_| Ok(())) {
+                Ok(_) | Err(AppendError::Full) | Err(AppendError::SeqMismatch { .. }) => {}
                 Err(AppendError::Io(context, e)) => return Err(format!("{context}: {e}")),
             }
             Ok(covered)
@@ -348,10 +451,6 @@ impl Journal {
 
     pub(crate) fn poison(&self, cause: String) {
         self.tracker.poison(cause);
-    }
-
-    pub(crate) fn position(&self) -> JournalPosition {
-        self.checkpoint_snapshot().0
     }
 
     /// The writer's position and the journal bytes written since the last checkpoint,
@@ -368,7 +467,86 @@ impl Journal {
     }
 
     pub(crate) fn epoch(&self) -> u64 {
-        self.writer.lock().epoch
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Seq of the last record appended (barriers take none).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Makes records appended from now on carry `epoch`.
+    pub(crate) fn set_epoch(&self, epoch: u64) {
+        let mut w = self.writer.lock();
+        w.epoch = epoch;
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Makes barriers take a seq of their own, as journals written before barriers
+    /// carried the seq of the record before them did.
+    #[cfg(test)]
+    pub(crate) fn write_legacy_barriers(&self, on: bool) {
+        self.writer.lock().legacy_barriers = on;
+    }
+
+    /// Installs (or removes) the sink that sees every non-barrier record appended from
+    /// now on; returns the seq of the last record appended before it was installed.
+    pub(crate) fn set_sink(&self, sink: Option<Arc<dyn RecordSink>>) -> u64 {
+        let mut w = self.writer.lock();
+        w.sink = sink;
+        w.next_seq - 1
+    }
+
+    /// Runs `f` with the journal lock held, so no record is appended (or applied)
+    /// meanwhile; `f` gets the seq of the last record appended.
+    pub(crate) fn with_appends_paused<T>(&self, f: impl FnOnce(u64) -> T) -> T {
+        let w = self.writer.lock();
+        f(w.next_seq - 1)
+    }
+
+    /// The rewind's commit, with no sync in flight and the journal lock held: if no
+    /// record was appended since `expected` (the position the caller checkpointed;
+    /// barriers may have been, by the checkpoint's own flush, as long as they did not
+    /// roll into a new segment), writes the header of a
+    /// fresh segment whose first seq is `to_seq + 1`, then runs `commit` (which makes the
+    /// superblock name that segment as the checkpoint, at seq `to_seq`), and only then
+    /// moves the writer there. Returns `Ok(None)` when records arrived since the
+    /// checkpoint (nothing was changed); the caller checkpoints and counts again.
+    pub(crate) fn rewind<E>(
+        &self,
+        expected: JournalPosition,
+        to_seq: u64,
+        commit: impl FnOnce(RewoundTo) -> Result<(), E>,
+        io_error: impl Fn(AppendError) -> E,
+    ) -> Result<Option<JournalPosition>, E> {
+        self.tracker.exclusive(|| {
+            let mut w = self.writer.lock();
+            // A barrier that rolled into a new segment would leave no slot free for sure.
+            if w.next_seq - 1 != expected.last_seq || w.segment_no != expected.segment_no {
+                return Ok((None, None));
+            }
+            let (index, nonce) = self.start_segment(&mut w, to_seq + 1).map_err(io_error)?;
+            let segment_no = w.segment_no + 1;
+            if let Err(e) = commit(RewoundTo { segment_no }) {
+                // Not committed: the old superblock still rules and the fresh segment is
+                // abandoned (recovery erases its header; a roll may reuse the slot).
+                w.slots[index].segment_no = None;
+                return Err(e);
+            }
+            // Committed: the superblock names the fresh segment. Everything before it,
+            // including the discarded records, is below the checkpoint.
+            w.active = index;
+            w.segment_no = segment_no;
+            w.nonce = nonce;
+            w.offset = SEGMENT_HEADER_LEN as u64;
+            w.next_seq = to_seq + 1;
+            w.last_data_seq = to_seq;
+            w.checkpoint_segment_no = segment_no;
+            w.bytes_since_checkpoint = 0;
+            self.last_seq.store(to_seq, Ordering::Release);
+            let rewound = JournalPosition { segment_no, offset: w.offset, last_seq: to_seq, last_data_seq: to_seq };
+            Ok((Some(rewound), Some(to_seq)))
+        })
     }
 
     pub(crate) fn bytes_since_checkpoint(&self) -> u64 {

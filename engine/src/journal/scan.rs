@@ -2,7 +2,10 @@
 //! tells a torn tail (expected after a crash) from corruption (never skipped).
 //!
 //! The scan starts at the checkpoint and walks records while each one decodes, passes its
-//! crc and carries exactly the next sequence number. When a segment has no further valid
+//! crc and carries exactly the next sequence number. A barrier takes no sequence number
+//! of its own: it carries the seq of the record before it (the expected seq minus one).
+//! Journals written before that change have barriers that took the next seq like any
+//! other record; both forms are accepted, and only the old one consumes a seq. When a segment has no further valid
 //! record and the next segment (by number) starts with the expected seq, the scan moves
 //! on. Otherwise the journal ends there, and the bytes at that point are classified:
 //!
@@ -137,6 +140,12 @@ enum Stop {
     Bad(String, u64),
 }
 
+/// True when a valid record with this header takes the expected seq (and the next one
+/// must carry `expected_seq + 1`). Call only for records `parse_at` accepted.
+fn consumes_seq(header: &RecordHeader, expected_seq: u64) -> bool {
+    header.seq == expected_seq
+}
+
 fn parse_at(bytes: &[u8], pos: usize, expected_seq: u64, nonce: u64) -> Parsed<'_> {
     let Some(head) = bytes.get(pos..pos + RECORD_HEADER_LEN) else {
         return Parsed::Stop(Stop::End("no room for another record"));
@@ -166,6 +175,11 @@ fn parse_at(bytes: &[u8], pos: usize, expected_seq: u64, nonce: u64) -> Parsed<'
         // A record from an earlier use of the slot (its crc started with another nonce).
         return Parsed::Stop(Stop::End("stale record from an earlier use of the slot"));
     }
+    // A barrier carries the seq of the record before it. The crc (with this use's nonce)
+    // already rules out stale records; the seq checks are a second line.
+    if header.kind == RecordKind::Barrier && header.seq.checked_add(1) == Some(expected_seq) {
+        return Parsed::Valid(header, payload);
+    }
     if header.seq < expected_seq {
         return Parsed::Stop(Stop::End("stale record"));
     }
@@ -177,7 +191,9 @@ fn parse_at(bytes: &[u8], pos: usize, expected_seq: u64, nonce: u64) -> Parsed<'
 
 /// True when a valid barrier of this use of the segment (crc with `nonce`), written after
 /// `seq`, in `bytes` from `from` proves that every record up to and including `seq` was
-/// durable.
+/// durable. A barrier written right after record `seq` carries seq `seq` itself (one of
+/// the old form, which took a seq of its own, carries more); either way its `offset`, the
+/// durable seq, is at least `seq`.
 fn barrier_proves(bytes: &[u8], from: usize, seq: u64, nonce: u64) -> bool {
     let mut pos = from.next_multiple_of(RECORD_ALIGN);
     while pos + RECORD_HEADER_LEN <= bytes.len() {
@@ -185,7 +201,7 @@ fn barrier_proves(bytes: &[u8], from: usize, seq: u64, nonce: u64) -> bool {
             if let Some(head) = bytes.get(pos..pos + RECORD_HEADER_LEN) {
                 if let Ok(h) = RecordHeader::decode(head) {
                     if h.kind == RecordKind::Barrier
-                        && h.seq > seq
+                        && h.seq >= seq
                         && h.offset >= seq
                         && h.verify(head, &[], nonce).is_ok()
                     {
@@ -199,7 +215,8 @@ fn barrier_proves(bytes: &[u8], from: usize, seq: u64, nonce: u64) -> bool {
     false
 }
 
-fn read_segment(file: &Arc<dyn Storage>, segment_bytes: u64) -> std::io::Result<Vec<u8>> {
+/// Reads a whole segment slot file.
+pub(crate) fn read_segment(file: &Arc<dyn Storage>, segment_bytes: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = vec![0u8; segment_bytes as usize];
     file.read_at(&mut bytes, 0)?;
     Ok(bytes)
@@ -286,7 +303,9 @@ pub fn scan(
                     }
                     visit(&ScannedRecord { segment_no, file_offset: pos as u64, header, payload })?;
                     pos += header.total_len();
-                    expected += 1;
+                    if consumes_seq(&header, expected) {
+                        expected += 1;
+                    }
                     end.records += 1;
                     end.payload_bytes += payload.len() as u64;
                     end.epoch = header.epoch;
@@ -346,4 +365,29 @@ pub fn scan(
         }
         return Ok(end);
     }
+}
+
+/// Walks the records of one segment, read whole into `bytes`, from its first record,
+/// expecting `first_seq` and checking crcs with `nonce`, until a record is not valid or
+/// `end` (a file offset) is reached; calls `visit` for each. Returns the seq the next
+/// record would carry. Used to count what a rewind discards; recovery uses [`scan`].
+pub(crate) fn walk_segment(
+    bytes: &[u8],
+    first_seq: u64,
+    nonce: u64,
+    end: Option<usize>,
+    mut visit: impl FnMut(&RecordHeader, &[u8]),
+) -> u64 {
+    let end = end.unwrap_or(bytes.len()).min(bytes.len());
+    let bytes = bytes.get(..end).unwrap_or_default();
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut expected = first_seq;
+    while let Parsed::Valid(header, payload) = parse_at(bytes, pos, expected, nonce) {
+        visit(&header, payload);
+        pos += header.total_len();
+        if consumes_seq(&header, expected) {
+            expected += 1;
+        }
+    }
+    expected
 }

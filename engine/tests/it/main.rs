@@ -4,4 +4,5 @@ mod crash;
 mod model;
 mod recovery;
 mod regressions;
+mod replica;
 mod support;

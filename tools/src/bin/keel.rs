@@ -25,6 +25,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the witness: the arbiter that fences automatic failover (a third failure domain).
+    Witness {
+        /// The witness's TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Start a complete local deployment on embedded defaults, in the foreground.
     Up {
         /// Directory for the deployment's state (configs, data, sockets, up.json).
@@ -35,6 +41,57 @@ enum Command {
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
+    },
+    /// Manage the cluster's TLS certificates: a private CA, one certificate per node.
+    Cert {
+        #[command(subcommand)]
+        command: keel_tools::cert::CertCommand,
+    },
+    /// Show the running daemon's volumes: roles, epochs, peer, lag, resync, witness.
+    Status {
+        #[command(flatten)]
+        target: keel_tools::control::ControlTarget,
+        /// Print the daemon's status JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this node the primary of VOLUME (exit status 1 if refused).
+    Promote {
+        /// The volume.
+        volume: String,
+        /// Override the witness's checks (it still records the promotion): only once the old
+        /// primary is surely down; the answer says what could be lost.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: keel_tools::control::ControlTarget,
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Swap the roles of VOLUME's primary and standby without losing a write (exit status 1 if refused).
+    Switchover {
+        /// The volume.
+        volume: String,
+        #[command(flatten)]
+        target: keel_tools::control::ControlTarget,
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the daemon's events as JSON lines.
+    Events {
+        /// Only events with a sequence number above N.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        target: keel_tools::control::ControlTarget,
+        /// Accepted for symmetry; events are always JSON lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -76,6 +133,16 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Daemon { config } => daemon::run(&NodeConfig::load(&config)?),
         Command::Up { dir } => up::run(&dir),
+        Command::Cert { command } => keel_tools::cert::run(command),
+        Command::Witness { config } => keel_tools::witness::run(&keel_tools::config::WitnessConfig::load(&config)?),
+        Command::Status { target, json } => keel_tools::control::cli_status(&target, json),
+        Command::Promote { volume, force, target, json } => {
+            keel_tools::control::cli_promote(&target, &volume, force, json)
+        }
+        Command::Switchover { volume, target, json } => keel_tools::control::cli_switchover(&target, &volume, json),
+        Command::Events { since, follow, target, json } => {
+            keel_tools::control::cli_events(&target, since, follow, json)
+        }
         Command::Volume { command: VolumeCommand::Create { name, size, config } } => {
             let config = NodeConfig::load(&config)?;
             let size = parse_size(&size)?;
