@@ -150,3 +150,76 @@ fn promote_is_refused_while_the_primary_holds_its_lease() {
     // Nothing changed.
     assert_eq!(cluster.wait_in_sync("vol", Duration::from_secs(10)).unwrap(), primary);
 }
+
+/// `mode = "async"`: FLUSHes complete on the primary alone while the standby is frozen,
+/// the lag is reported in `keel status` and bounded by the ship queue, and the standby
+/// catches up once it runs again.
+#[test]
+fn an_async_volume_flushes_without_its_standby_and_reports_the_lag() {
+    let _serial = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let extra = "mode = \"async\"".to_string();
+    let options = ClusterOptions { volume_extra: [extra.clone(), extra], ..ClusterOptions::default() };
+    let cluster = Cluster::start(&options).unwrap();
+    let primary = cluster.wait_in_sync("vol", Duration::from_secs(60)).unwrap();
+    let standby = 1 - primary;
+    cluster.nodes[standby].freeze();
+    let mut client = NbdClient::connect(&cluster.socket(primary), "vol").unwrap();
+    for i in 0..32u64 {
+        client.write(i * 65536, &vec![i as u8 + 1; 65536], false).unwrap();
+        client.flush().unwrap();
+    }
+    let status = cluster.volume_status(primary, "vol").unwrap();
+    assert_eq!(status["mode"], "async", "{status}");
+    assert!(status["peer"]["lag_seqs"].as_u64() >= Some(32), "the lag is not reported: {status}");
+    cluster.nodes[standby].resume();
+    keel_tests::cluster::until("the standby caught up", Duration::from_secs(60), || {
+        cluster.volume_status(primary, "vol").is_ok_and(|s| s["peer"]["lag_seqs"] == 0)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.describe()));
+    // An async standby may lack acknowledged writes: promoting it needs --force.
+    let answer =
+        cluster.control(standby, &serde_json::json!({"op": "promote", "volume": "vol", "force": false})).unwrap();
+    assert_eq!(answer["result"], "refused", "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("asynchronously"), "{answer}");
+}
+
+/// Regression (found by the replication benchmark): `keel status` while a sequential
+/// write had filled the ship queue deadlocked the primary for good. A writer held the
+/// journal lock waiting for queue room, the status request held the volume's replication
+/// state waiting for the journal lock on one tokio worker, the fence loop waited for that
+/// state on the other, so nothing drained the queue. Status now reads only lock-free
+/// counters from the engine.
+#[test]
+fn status_answers_while_writers_wait_for_the_ship_queue() {
+    let _serial = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let options = ClusterOptions { volumes: vec![("big".into(), "256MiB".into())], ..ClusterOptions::default() };
+    let cluster = Cluster::start(&options).unwrap();
+    let primary = cluster.wait_in_sync("big", Duration::from_secs(60)).unwrap();
+    let standby = 1 - primary;
+    // A frozen standby stops draining: the QUIC window and then the ship queue fill up.
+    cluster.nodes[standby].freeze();
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut client = NbdClient::connect(&cluster.socket(primary), "big").unwrap();
+    let writer = {
+        let written = written.clone();
+        std::thread::spawn(move || {
+            let block = vec![0x5a; 1 << 20];
+            for i in 0..200u64 {
+                if client.write(i << 20, &block, false).is_err() {
+                    return;
+                }
+                written.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let asked = Instant::now();
+        cluster.status(primary).unwrap_or_else(|e| panic!("status did not answer: {e:#}\n{}", cluster.describe()));
+        assert!(asked.elapsed() < Duration::from_secs(5), "status took {:?}", asked.elapsed());
+    }
+    cluster.nodes[standby].resume();
+    writer.join().unwrap();
+    assert_eq!(written.load(Ordering::SeqCst), 200, "writes stopped\n{}", cluster.describe());
+    cluster.wait_in_sync("big", Duration::from_secs(60)).unwrap();
+}

@@ -7,6 +7,7 @@
 //! scripts and tests.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -309,7 +310,20 @@ fn spawn_process(kind: &str, config: &Path, log: &Path) -> Result<Child> {
         .append(true)
         .open(log)
         .with_context(|| format!("failed to open {}", log.display()))?;
-    Command::new(exe)
+    let mut command = Command::new(exe);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe and reads nothing but its integer arguments.
+    unsafe {
+        command.pre_exec(|| {
+            // The deployment dies with `keel up`, whatever kills it (even before its signal
+            // handlers are installed): no orphaned witness or nodes.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
         .arg(kind)
         .arg("--config")
         .arg(config)

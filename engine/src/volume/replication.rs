@@ -227,6 +227,12 @@ impl Volume {
     pub fn durable_seq(&self) -> u64 {
         self.inner.journal.durable_seq()
     }
+
+    /// Why the volume refuses writes, once poisoned. Takes no lock, unlike
+    /// [`Volume::status`], so it never waits behind a writer that holds the journal.
+    pub fn poisoned(&self) -> Option<String> {
+        self.inner.poison.get().cloned()
+    }
 }
 
 impl Inner {

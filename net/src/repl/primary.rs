@@ -400,15 +400,18 @@ async fn send_loop(
         tokio::select! {
             batch = queue.pop_batch(256) => {
                 let Some(batch) = batch else { return Err("ship queue closed".into()) };
+                // Header and payload go out as two buffers: the payload is not copied again.
+                let mut chunks = Vec::with_capacity(batch.len() * 2);
                 for item in batch {
-                    let bytes = match item {
-                        Shipment::Record(record) => record.encode(),
-                        Shipment::Sync(sync) => sync.encode(),
-                        Shipment::Control(control) => encode_json(FrameType::Control, &control)
-                            .map_err(|e| format!("encode {control:?}: {e}"))?,
-                    };
-                    send.write_all(&bytes).await.map_err(|e| format!("send to the standby: {e}"))?;
+                    match item {
+                        Shipment::Record(record) => chunks.extend(record.encode_chunks()),
+                        Shipment::Sync(sync) => chunks.push(sync.encode()),
+                        Shipment::Control(control) => chunks.push(
+                            encode_json(FrameType::Control, &control).map_err(|e| format!("encode {control:?}: {e}"))?,
+                        ),
+                    }
                 }
+                send.write_all_chunks(&mut chunks).await.map_err(|e| format!("send to the standby: {e}"))?;
             }
             _ = tick.tick() => {
                 let id = next_probe;

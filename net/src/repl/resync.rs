@@ -285,7 +285,7 @@ pub(crate) async fn send(
             .map_err(|e| format!("resync read task failed: {e}"))??;
         last_seq = last_seq.max(block.read_seq);
         let msg = ResyncDataMsg { epoch, ..block };
-        send.write_all(&msg.encode()).await.map_err(|e| format!("send resync data: {e}"))?;
+        send.write_all_chunks(&mut msg.encode_chunks()).await.map_err(|e| format!("send resync data: {e}"))?;
         done += len;
         rv.shared.lock().resync = Some((done, total));
         if done >= next_report && total > 0 {

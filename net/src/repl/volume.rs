@@ -292,12 +292,17 @@ impl ReplVolume {
     }
 
     /// Status for `keel status` (see docs/operations.md for the fields).
+    ///
+    /// Reads only lock-free counters from the engine: a writer may hold the journal lock
+    /// while it waits for room in the ship queue, and the queue drains on the very tokio
+    /// workers that answer status requests.
     pub fn status_json(&self) -> serde_json::Value {
+        let (last_seq, durable_seq, poisoned) =
+            (self.volume.last_seq(), self.volume.durable_seq(), self.volume.poisoned());
         let shared = self.shared.lock();
-        let volume = self.volume.status();
         let fence = shared.primary.as_ref().map(|f| serde_json::to_value(f.status()).unwrap_or_default());
         let standby = shared.standby.as_ref().map(|f| serde_json::to_value(f.status()).unwrap_or_default());
-        let lag = volume.last_seq.saturating_sub(shared.acked_seq);
+        let lag = last_seq.saturating_sub(shared.acked_seq);
         let writable = shared.state.role == Role::Primary
             && !shared.paused
             && shared.primary.as_ref().is_some_and(|f| f.writes_allowed(Instant::now()));
@@ -308,8 +313,8 @@ impl ReplVolume {
             "epoch": shared.state.epoch,
             "mode": self.config.mode,
             "consistent": shared.state.consistent,
-            "last_seq": volume.last_seq,
-            "durable_seq": volume.durable_seq,
+            "last_seq": last_seq,
+            "durable_seq": durable_seq,
             "nbd_uri": self.config.nbd_uri,
             "history": shared.state.history,
             "peer": {
@@ -326,7 +331,7 @@ impl ReplVolume {
             },
             "fence": fence,
             "standby_fence": standby,
-            "poisoned": volume.poisoned,
+            "poisoned": poisoned,
         })
     }
 }
