@@ -1,6 +1,41 @@
-//! Keel's snapshots and vaults: deduplicated, compressed, encrypted, incremental copies of
-//! volumes. Nothing is implemented yet; the crate exists so the workspace shows the
-//! architecture (`tools → {net, snapshot} → engine`). The engine already records snapshot
-//! points ([`keel_engine::Volume::mark_snapshot`]) and tracks changed regions
-//! ([`keel_engine::Volume::changed_since`]) for it.
+//! Keel's snapshots and vaults: deduplicated, compressed, encrypted copies of volumes.
+//!
+//! Built so far: the chunk codec and a local chunk store. Snapshots, manifests, vaults,
+//! retention and restore follow (see the snapshot issue). The engine already records
+//! snapshot points ([`keel_engine::Volume::mark_snapshot`]) and tracks changed regions
+//! ([`keel_engine::Volume::changed_since`]) for them.
+//!
+//! - [`TenantKey`], [`ChunkId`] — a tenant's key, its derived id and encryption subkeys,
+//!   and the keyed-BLAKE3 chunk id (dedup never crosses tenants).
+//! - [`encode_chunk`], [`decode_chunk`], [`check_frame`], [`is_zero`] — the chunk frame
+//!   (docs/format-chunk.md): zstd when it pays, XChaCha20-Poly1305, CRC32.
+//! - [`LocalChunkStore`] — chunks as files in a directory, written atomically, deduplicated.
+//!
+//! ```
+//! use keel_snapshot::{decode_chunk, encode_chunk, is_zero, LocalChunkStore, TenantKey};
+//!
+//! let key = TenantKey::from_bytes([7; 32]);
+//! let block = vec![b'k'; 64 << 10];
+//! assert!(!is_zero(&block)); // all-zero chunks are holes, not stored
+//! let (id, frame) = encode_chunk(&key, &block, 3)?;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = LocalChunkStore::open(dir.path())?;
+//! store.put(&id, &frame)?;
+//! assert_eq!(decode_chunk(&key, &id, &store.get(&id)?)?, block);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
+
+mod chunk;
+mod durable;
+mod error;
+mod key;
+mod store;
+
+pub use chunk::{
+    check_frame, decode_chunk, encode_chunk, is_zero, FormatVersion, HEADER_LEN, MAGIC, MAX_CHUNK_LEN, OVERHEAD,
+};
+pub use error::{ChunkError, StoreError};
+pub use key::{ChunkId, ParseChunkIdError, TenantKey, KEY_LEN};
+pub use store::{LocalChunkStore, PutOutcome};

@@ -1,0 +1,148 @@
+//! Tenant keys, their derived subkeys, and chunk ids.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
+
+/// `blake3::derive_key` context for the chunk-id subkey. Never change it: ids would change.
+const ID_CONTEXT: &str = "keel 2026 chunk id";
+/// `blake3::derive_key` context for the AEAD subkey. Never change it: old chunks would not decrypt.
+const ENCRYPTION_CONTEXT: &str = "keel 2026 chunk encryption";
+
+/// Length of a tenant key and of each subkey.
+pub const KEY_LEN: usize = 32;
+
+/// A tenant's 32-byte master key and the two subkeys derived from it.
+///
+/// The chunk id is a keyed BLAKE3 under one subkey, so the same data under two tenants has
+/// unrelated ids and deduplication never crosses tenants; chunks are sealed with
+/// XChaCha20-Poly1305 under the other. The master key itself is not kept.
+///
+/// `Debug` does not print key material.
+#[derive(Clone)]
+pub struct TenantKey {
+    id_key: [u8; KEY_LEN],
+    aead: XChaCha20Poly1305,
+}
+
+impl TenantKey {
+    /// Derives the subkeys from a tenant's master key.
+    pub fn from_bytes(master: [u8; KEY_LEN]) -> Self {
+        let id_key = blake3::derive_key(ID_CONTEXT, &master);
+        let encryption_key = blake3::derive_key(ENCRYPTION_CONTEXT, &master);
+        TenantKey { id_key, aead: XChaCha20Poly1305::new(&encryption_key.into()) }
+    }
+
+    /// A new random master key from the OS RNG (returned so the caller can store it).
+    pub fn generate() -> ([u8; KEY_LEN], Self) {
+        let master: [u8; KEY_LEN] = rand::random();
+        (master, Self::from_bytes(master))
+    }
+
+    /// The chunk id of `plaintext` for this tenant: keyed BLAKE3 under the id subkey.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.id_key, plaintext).as_bytes())
+    }
+
+    pub(crate) fn aead(&self) -> &XChaCha20Poly1305 {
+        &self.aead
+    }
+}
+
+impl fmt::Debug for TenantKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TenantKey(<redacted>)")
+    }
+}
+
+/// A chunk's id: the keyed BLAKE3 of its plaintext (see [`TenantKey::chunk_id`]).
+///
+/// Displays and parses as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The raw 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({self})")
+    }
+}
+
+/// A string that is not 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid chunk id {input:?}: expected 64 hex digits")]
+pub struct ParseChunkIdError {
+    /// The rejected input (truncated to 80 characters).
+    pub input: String,
+}
+
+impl FromStr for ChunkId {
+    type Err = ParseChunkIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseChunkIdError { input: s.chars().take(80).collect() };
+        let digits = s.as_bytes();
+        if digits.len() != 64 {
+            return Err(err());
+        }
+        let mut id = [0u8; 32];
+        for (byte, pair) in id.iter_mut().zip(digits.chunks_exact(2)) {
+            let [hi, lo] = pair else { return Err(err()) };
+            *byte = (hex_value(*hi).ok_or_else(err)? << 4) | hex_value(*lo).ok_or_else(err)?;
+        }
+        Ok(ChunkId(id))
+    }
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let id = ChunkId(std::array::from_fn(|i| (i * 7) as u8));
+        let text = id.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(text.parse::<ChunkId>(), Ok(id));
+        assert_eq!(text.to_uppercase().parse::<ChunkId>(), Ok(id));
+        assert!("zz".repeat(32).parse::<ChunkId>().is_err());
+        assert!(text[..62].parse::<ChunkId>().is_err());
+        assert!(format!("{text}00").parse::<ChunkId>().is_err());
+        assert!("é".repeat(32).parse::<ChunkId>().is_err());
+    }
+
+    #[test]
+    fn subkeys_differ_and_tenants_differ() {
+        let a = TenantKey::from_bytes([1; 32]);
+        let b = TenantKey::from_bytes([2; 32]);
+        assert_ne!(a.chunk_id(b"data"), b.chunk_id(b"data"));
+        assert_eq!(a.chunk_id(b"data"), TenantKey::from_bytes([1; 32]).chunk_id(b"data"));
+        assert_ne!(a.id_key, blake3::derive_key(ENCRYPTION_CONTEXT, &[1; 32]));
+        assert_eq!(format!("{a:?}"), "TenantKey(<redacted>)");
+    }
+}
