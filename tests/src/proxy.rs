@@ -523,6 +523,19 @@ mod tests {
         (addr, stop, thread)
     }
 
+    /// Waits (at most 5 s) until the proxy's counters satisfy `check`: a datagram can reach
+    /// its receiver a moment before the proxy thread counts it.
+    fn wait_stats(proxy: &UdpProxy, check: impl Fn(&ProxyStats) -> bool) -> ProxyStats {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stats = proxy.stats();
+            if check(&stats) || Instant::now() > deadline {
+                return stats;
+            }
+            std::thread::yield_now();
+        }
+    }
+
     fn client(proxy: &UdpProxy) -> UdpSocket {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.connect(proxy.addr()).unwrap();
@@ -542,12 +555,12 @@ mod tests {
         proxy.cut(true);
         socket.send(b"lost").unwrap();
         assert!(socket.recv(&mut buf).is_err(), "a cut proxy forwarded a datagram");
-        assert_eq!(proxy.stats().dropped[0], 1);
+        assert_eq!(wait_stats(&proxy, |s| s.dropped[0] == 1).dropped[0], 1);
         proxy.cut(false);
         socket.send(b"back").unwrap();
         let len = socket.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"back");
-        assert_eq!(proxy.stats().forwarded, [2, 2]);
+        assert_eq!(wait_stats(&proxy, |s| s.forwarded == [2, 2]).forwarded, [2, 2]);
         drop(proxy);
         stop.store(true, Ordering::SeqCst);
         echo_thread.join().unwrap();
@@ -586,7 +599,7 @@ mod tests {
             let len = socket.recv(&mut buf).unwrap();
             assert_eq!(&buf[..len], b"x");
         }
-        assert_eq!(proxy.stats().duplicated, [1, 2]);
+        assert_eq!(wait_stats(&proxy, |s| s.duplicated == [1, 2]).duplicated, [1, 2]);
         drop(proxy);
         stop.store(true, Ordering::SeqCst);
         echo_thread.join().unwrap();
