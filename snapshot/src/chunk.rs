@@ -173,11 +173,18 @@ pub fn is_zero(bytes: &[u8]) -> bool {
 ///
 /// Fails only for a plaintext longer than [`MAX_CHUNK_LEN`] (or an AEAD library refusal).
 pub fn encode_chunk(key: &TenantKey, plaintext: &[u8], zstd_level: i32) -> Result<(ChunkId, Vec<u8>), ChunkError> {
+    let id = key.chunk_id(plaintext);
+    seal_chunk(key, &id, plaintext, zstd_level).map(|frame| (id, frame))
+}
+
+/// [`encode_chunk`] for a plaintext whose id the caller already computed with
+/// [`TenantKey::chunk_id`] (to skip sealing chunks a store already holds). `id` must be
+/// that id: a wrong one makes a frame that never decodes.
+pub fn seal_chunk(key: &TenantKey, id: &ChunkId, plaintext: &[u8], zstd_level: i32) -> Result<Vec<u8>, ChunkError> {
     let len = plaintext.len();
     if len > MAX_CHUNK_LEN {
         return Err(ChunkError::TooLarge { len, max: MAX_CHUNK_LEN });
     }
-    let id = key.chunk_id(plaintext);
 
     // One allocation sized for the uncompressed case; truncated if compression pays.
     let mut out = vec![0u8; len + OVERHEAD];
@@ -211,7 +218,7 @@ pub fn encode_chunk(key: &TenantKey, plaintext: &[u8], zstd_level: i32) -> Resul
     let (body, rest) = rest.split_at_mut(stored_len);
     let tag = key
         .aead()
-        .encrypt_in_place_detached(XNonce::from_slice(&header.nonce), &associated_data(&header_bytes, &id), body)
+        .encrypt_in_place_detached(XNonce::from_slice(&header.nonce), &associated_data(&header_bytes, id), body)
         .map_err(|_| ChunkError::Encode("XChaCha20-Poly1305 refused to seal the chunk"))?;
     let (tag_buf, _) = rest.split_at_mut(TAG_LEN);
     tag_buf.copy_from_slice(&tag);
@@ -221,7 +228,7 @@ pub fn encode_chunk(key: &TenantKey, plaintext: &[u8], zstd_level: i32) -> Resul
     let (covered, crc_buf) = out.split_at_mut(crc_at);
     crc_buf.copy_from_slice(&crc32fast::hash(covered).to_le_bytes());
     debug_assert!(check_frame(&out).is_ok(), "encoder must produce a well-formed frame");
-    Ok((id, out))
+    Ok(out)
 }
 
 /// A frame that passed [`check_frame`]: its header and the sealed payload and tag.

@@ -115,3 +115,71 @@ pub enum StoreError {
         path: PathBuf,
     },
 }
+
+/// Why a manifest could not be read, checked or written.
+///
+/// Every variant except [`ManifestError::Encode`] means the bytes are not a valid manifest
+/// for this tenant: treat the copy as corrupt (fetch it from another vault).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// Shorter than its header, or than the length the header gives.
+    #[error("manifest truncated: {len} bytes, expected {expected}")]
+    Truncated {
+        /// Length of the bytes given.
+        len: usize,
+        /// The length the manifest needs.
+        expected: usize,
+    },
+    /// Not a manifest: wrong magic.
+    #[error("not a manifest: magic {found:02x?}, expected \"KMAN\"")]
+    BadMagic {
+        /// The first four bytes found.
+        found: [u8; 4],
+    },
+    /// A format version this build does not know.
+    #[error("unsupported manifest format version {found}")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u16,
+    },
+    /// A crc does not match (bit rot, torn or truncated write).
+    #[error("manifest {part} checksum mismatch: stored {expected:#010x}, computed {got:#010x}")]
+    ChecksumMismatch {
+        /// "header" or "body".
+        part: &'static str,
+        /// The crc stored.
+        expected: u32,
+        /// The crc computed.
+        got: u32,
+    },
+    /// The header parsed but is inconsistent.
+    #[error("corrupt manifest: {what}")]
+    Corruption {
+        /// What is wrong.
+        what: String,
+    },
+    /// The manifest was written under another tenant key.
+    #[error("manifest was written with tenant key {found}, not with this key ({ours}): wrong key or wrong tenant")]
+    WrongKey {
+        /// The key id recorded in the manifest, hex.
+        found: String,
+        /// This key's id, hex.
+        ours: String,
+    },
+    /// The MAC does not match under this key: the manifest was altered.
+    #[error("manifest authentication failed: it was altered after it was written")]
+    Unauthenticated,
+    /// The manifest could not be serialized.
+    #[error("encode manifest: {0}")]
+    Encode(String),
+    /// Reading a manifest file failed.
+    #[error("failed to read manifest {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}

@@ -10,6 +10,11 @@ const ID_CONTEXT: &str = "keel 2026 chunk id";
 /// `blake3::derive_key` context for the AEAD subkey. Never change it: old chunks would not decrypt.
 const ENCRYPTION_CONTEXT: &str = "keel 2026 chunk encryption";
 
+/// `blake3::derive_key` context for the manifest MAC subkey. Never change it.
+const MANIFEST_CONTEXT: &str = "keel 2026 manifest mac";
+/// `blake3::derive_key` context for the public key id. Never change it.
+const KEY_ID_CONTEXT: &str = "keel 2026 key id";
+
 /// Length of a tenant key and of each subkey.
 pub const KEY_LEN: usize = 32;
 
@@ -23,6 +28,8 @@ pub const KEY_LEN: usize = 32;
 #[derive(Clone)]
 pub struct TenantKey {
     id_key: [u8; KEY_LEN],
+    manifest_key: [u8; KEY_LEN],
+    key_id: [u8; 8],
     aead: XChaCha20Poly1305,
 }
 
@@ -31,7 +38,10 @@ impl TenantKey {
     pub fn from_bytes(master: [u8; KEY_LEN]) -> Self {
         let id_key = blake3::derive_key(ID_CONTEXT, &master);
         let encryption_key = blake3::derive_key(ENCRYPTION_CONTEXT, &master);
-        TenantKey { id_key, aead: XChaCha20Poly1305::new(&encryption_key.into()) }
+        let manifest_key = blake3::derive_key(MANIFEST_CONTEXT, &master);
+        let mut key_id = [0u8; 8];
+        key_id.copy_from_slice(&blake3::derive_key(KEY_ID_CONTEXT, &master)[..8]);
+        TenantKey { id_key, manifest_key, key_id, aead: XChaCha20Poly1305::new(&encryption_key.into()) }
     }
 
     /// A new random master key from the OS RNG (returned so the caller can store it).
@@ -43,6 +53,21 @@ impl TenantKey {
     /// The chunk id of `plaintext` for this tenant: keyed BLAKE3 under the id subkey.
     pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.id_key, plaintext).as_bytes())
+    }
+
+    /// A public 8-byte fingerprint of the key, recorded in manifests so that "wrong key"
+    /// can be told apart from "tampered" (it reveals nothing usable about the key).
+    pub fn key_id(&self) -> [u8; 8] {
+        self.key_id
+    }
+
+    /// The keyed BLAKE3 MAC of a manifest's bytes under the manifest subkey.
+    pub(crate) fn manifest_mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.manifest_key);
+        for part in parts {
+            hasher.update(part);
+        }
+        *hasher.finalize().as_bytes()
     }
 
     pub(crate) fn aead(&self) -> &XChaCha20Poly1305 {

@@ -28,14 +28,28 @@
 #![warn(missing_docs)]
 
 mod chunk;
+pub mod create;
 mod durable;
 mod error;
 mod key;
+pub mod keyfile;
+pub mod lease;
+pub mod maintain;
+pub mod manifest;
+pub mod restore;
+mod retention;
+mod schedule;
 mod store;
+pub mod vault;
 
 pub use chunk::{
-    check_frame, decode_chunk, encode_chunk, is_zero, FormatVersion, HEADER_LEN, MAGIC, MAX_CHUNK_LEN, OVERHEAD,
+    check_frame, decode_chunk, encode_chunk, is_zero, seal_chunk, FormatVersion, HEADER_LEN, MAGIC, MAX_CHUNK_LEN,
+    OVERHEAD,
 };
-pub use error::{ChunkError, StoreError};
+pub use error::{ChunkError, ManifestError, StoreError};
 pub use key::{ChunkId, ParseChunkIdError, TenantKey, KEY_LEN};
+pub use retention::{Decision, Keep, Period, RetentionConfig, RetentionError, RetentionPolicy, SnapshotInfo};
+pub use schedule::{
+    Date, IsoWeek, LocalDateTime, Schedule, ScheduleError, TimeZone, TimeZoneError, MAX_TZIF_BYTES, ZONEINFO_DIR,
+};
 pub use store::{LocalChunkStore, PutOutcome};

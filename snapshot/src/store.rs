@@ -1,6 +1,7 @@
 //! A chunk store in a local directory: one file per chunk at `chunks/ab/cd/<hex id>`.
 //!
-//! Writes are atomic (temp file, fsync, rename, fsync directory) and idempotent: a chunk
+//! Writes are atomic (temp file, fsync, hard link to the final name, unlink the temp,
+//! fsync directory) and idempotent: a chunk
 //! already present is not written again, which is where deduplication happens. The store
 //! checks each frame's length, magic, version and CRC before writing it, but holds no keys:
 //! decryption and the id check happen in [`crate::decode_chunk`].
@@ -33,7 +34,7 @@ pub enum PutOutcome {
 ///
 /// # Invariants
 ///
-/// - A file named `chunks/ab/cd/<id>` is complete and durable: it only appears by rename
+/// - A file named `chunks/ab/cd/<id>` is complete and durable: it only appears by a hard link
 ///   after its contents were fsynced.
 /// - After a failed write or fsync the store is poisoned and refuses further `put`s and
 ///   `remove`s (fail-stop; an fsync is never retried).
@@ -84,11 +85,10 @@ impl LocalChunkStore {
             return Ok(PutOutcome::AlreadyPresent);
         }
         let path = self.chunk_path(id);
-        self.poison_on_error(|| self.write_new(&path, bytes))?;
-        Ok(PutOutcome::Written)
+        self.poison_on_error(|| self.write_new(&path, bytes))
     }
 
-    fn write_new(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    fn write_new(&self, path: &Path, bytes: &[u8]) -> Result<PutOutcome, StoreError> {
         let dir = path.parent().unwrap_or(&self.chunks);
         let fanout = dir.parent().unwrap_or(&self.chunks);
         // Create the two fan-out levels; a new directory's name needs its parent fsynced.
@@ -114,12 +114,22 @@ impl LocalChunkStore {
                 source,
             })?;
             fsync_file(&file, &temp)?;
-            fs::rename(&temp, path).map_err(|source| StoreError::Io {
-                op: "rename chunk into place",
-                path: path.to_owned(),
+            // A hard link publishes the name atomically and, unlike rename, never replaces:
+            // of two concurrent writers of one chunk exactly one reports Written.
+            let outcome = match fs::hard_link(&temp, path) {
+                Ok(()) => PutOutcome::Written,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyPresent,
+                Err(source) => {
+                    return Err(StoreError::Io { op: "link chunk into place", path: path.to_owned(), source })
+                }
+            };
+            fs::remove_file(&temp).map_err(|source| StoreError::Io {
+                op: "remove chunk temp file",
+                path: temp.clone(),
                 source,
             })?;
-            fsync_dir(dir)
+            fsync_dir(dir)?;
+            Ok(outcome)
         })();
         if result.is_err() {
             // Best effort: the temp name is never read as a chunk either way.

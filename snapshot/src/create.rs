@@ -1,0 +1,553 @@
+//! Taking a snapshot: read the chunks that changed, seal the new ones into a vault, write
+//! the manifest last.
+//!
+//! ```text
+//!  reader thread ──(index, buffer)──▶ N sealing workers ──▶ vault.put_chunk
+//!       ▲  reads only changed chunks          │ hole? id known? seal, put
+//!       └───────── buffers come back ◀────────┘──(index, entry)──▶ collector → manifest
+//! ```
+//!
+//! - Incremental: with a parent manifest and the set of chunks changed since its marker,
+//!   only those chunks are read; the others are copied from the parent's entries. Without
+//!   a trustworthy change set ([`Changed::All`]) every chunk is read, and the manifest says
+//!   so (`full_read`).
+//! - Memory is bounded: `2 × threads` chunk buffers in flight.
+//! - Dedup costs one keyed hash: a chunk whose id the vault already holds is not sealed.
+//! - The upload holds a lease ([`UploadLease`]) so GC cannot sweep chunks it is about to
+//!   reference; the manifest is written only while the lease is valid, and last.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Mutex;
+
+use crate::chunk::{is_zero, seal_chunk};
+use crate::error::{ChunkError, ManifestError};
+use crate::key::{ChunkId, TenantKey};
+use crate::lease::{now_unix, LeaseError, UploadLease};
+use crate::manifest::{encode_manifest, Manifest, ManifestV1, StatsV1, HOLE};
+use crate::vault::{keys, Put, Vault, VaultError};
+
+/// Where a snapshot's bytes come from: a frozen volume view, an image file, a stream.
+pub trait Source: Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` with the bytes at `offset` (never past [`Source::size`]).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// The reader is done with `[offset, offset+len)` (a frozen view stops preserving it).
+    fn release(&self, _offset: u64, _len: u64) {}
+}
+
+/// Which chunks may differ from the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Read everything; the reason is recorded in the report.
+    All(String),
+    /// Only these chunk indices (ascending) may differ from the parent.
+    Chunks(Vec<u64>),
+}
+
+/// What to record about the snapshot being taken.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Volume name (the manifest key's directory).
+    pub volume: String,
+    /// The marker's name.
+    pub marker: String,
+    /// The marker's journal seq (0 for images, which have no journal).
+    pub marker_seq: u64,
+    /// This node's name.
+    pub node: String,
+    /// Chunk size in bytes (a power of two, 4 KiB … 16 MiB).
+    pub chunk_size: u32,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Sealing threads (≥ 1).
+    pub threads: usize,
+    /// The snapshot id; [`new_snapshot_id`] when `None`.
+    pub snapshot_id: Option<String>,
+    /// When the marker was taken, unix seconds; now when `None`.
+    pub created_unix: Option<i64>,
+}
+
+/// Progress of a running snapshot, restore or copy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Units done (bytes read, or chunks).
+    pub done: u64,
+    /// Units in all.
+    pub total: u64,
+}
+
+/// What a finished snapshot did.
+#[derive(Debug, Clone)]
+pub struct CreateReport {
+    /// The snapshot's id.
+    pub snapshot_id: String,
+    /// The manifest key in the vault.
+    pub manifest_key: String,
+    /// Why every chunk was read, when it was.
+    pub full_read: Option<String>,
+    /// Counts (also in the manifest).
+    pub stats: StatsV1,
+    /// Chunks in the volume.
+    pub chunks_total: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+}
+
+/// Why a snapshot could not be taken.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// Bad options or a parent that does not fit.
+    #[error("snapshot of {volume}: {reason}")]
+    Invalid {
+        /// The volume.
+        volume: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading the source failed.
+    #[error("snapshot of {volume}: read at {offset}: {reason}")]
+    Read {
+        /// The volume.
+        volume: String,
+        /// The offset read.
+        offset: u64,
+        /// The source's error.
+        reason: String,
+    },
+    /// Sealing a chunk failed.
+    #[error("snapshot of {volume}: {0}", volume = .1)]
+    Chunk(#[source] ChunkError, String),
+    /// The vault failed.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// The upload lease could not be taken or ran out.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The manifest could not be built.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+impl CreateError {
+    /// True when the snapshot should simply be retried later (vault down, GC running).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CreateError::Vault(e) => e.is_transient(),
+            CreateError::Lease(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// A new snapshot id: the UTC time and 32 random bits, so ids sort by time.
+pub fn new_snapshot_id(unix: i64) -> String {
+    format!("{}-{:08x}", utc_compact(unix), rand::random::<u32>())
+}
+
+/// `YYYYMMDDTHHMMSSZ` for unix seconds.
+pub fn utc_compact(unix: i64) -> String {
+    let (y, m, d, hh, mm, ss) = civil(unix);
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC for unix seconds.
+pub fn utc_display(unix: i64) -> String {
+    let (y, m, d, hh, mm, ss) = civil(unix);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02}")
+}
+
+/// Calendar fields of unix seconds (UTC), after Howard Hinnant's `civil_from_days`.
+fn civil(unix: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, (secs / 3600) as u32, (secs % 3600 / 60) as u32, (secs % 60) as u32)
+}
+
+/// Checks a chunk size: a power of two from 4 KiB to 16 MiB.
+pub fn check_chunk_size(chunk_size: u32) -> Result<(), String> {
+    if !chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&chunk_size) {
+        return Err(format!("chunk size {chunk_size} is not a power of two from 4 KiB to 16 MiB"));
+    }
+    Ok(())
+}
+
+/// Takes a snapshot of `source` into `vault`. See the module docs.
+///
+/// `parent` must be the authenticated manifest `changed` is relative to; it is ignored
+/// (with the reason recorded) when its size or chunk size differ.
+pub fn create_snapshot(
+    key: &TenantKey,
+    vault: &dyn Vault,
+    source: &dyn Source,
+    options: &CreateOptions,
+    parent: Option<&Manifest>,
+    changed: Changed,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<CreateReport, CreateError> {
+    let volume = options.volume.clone();
+    let invalid = |reason: String| CreateError::Invalid { volume: volume.clone(), reason };
+    check_chunk_size(options.chunk_size).map_err(invalid)?;
+    keys::check(&volume).map_err(|r| invalid(format!("volume name {volume:?} cannot name a vault key: {r}")))?;
+    let size = source.size();
+    let chunk_size = u64::from(options.chunk_size);
+    let chunk_count = ManifestV1::chunk_count(size, options.chunk_size);
+    let created_unix = options.created_unix.unwrap_or_else(now_unix);
+    let snapshot_id = options.snapshot_id.clone().unwrap_or_else(|| new_snapshot_id(created_unix));
+    keys::check(&snapshot_id).map_err(|r| invalid(format!("snapshot id {snapshot_id:?}: {r}")))?;
+
+    // Decide what to read.
+    let (mut entries, to_read, full_read, parent_id) = match (parent, changed) {
+        (Some(p), _) if p.volume_size() != size || u64::from(p.chunk_size()) != chunk_size => (
+            vec![HOLE; chunk_count as usize],
+            (0..chunk_count).collect::<Vec<_>>(),
+            Some(format!(
+                "the parent {} has size {} and chunk size {}, the volume {size} and {chunk_size}",
+                p.snapshot_id(),
+                p.volume_size(),
+                p.chunk_size()
+            )),
+            None,
+        ),
+        (Some(p), Changed::Chunks(list)) => {
+            let entries: Vec<[u8; 32]> = p.archived().chunks.iter().copied().collect();
+            let list: Vec<u64> = list.into_iter().filter(|&i| i < chunk_count).collect();
+            (entries, list, None, Some(p.snapshot_id().to_owned()))
+        }
+        (Some(_), Changed::All(reason)) | (None, Changed::All(reason)) => {
+            (vec![HOLE; chunk_count as usize], (0..chunk_count).collect(), Some(reason), None)
+        }
+        (None, Changed::Chunks(_)) => (
+            vec![HOLE; chunk_count as usize],
+            (0..chunk_count).collect(),
+            Some("there is no parent snapshot".to_owned()),
+            None,
+        ),
+    };
+
+    let holder = format!("{}:{}", options.node, std::process::id());
+    let mut lease = UploadLease::begin(
+        vault,
+        &holder,
+        &format!("{volume}@{snapshot_id}"),
+        &format!("snapshot {volume}/{snapshot_id}"),
+    )?;
+
+    let threads = options.threads.max(1);
+    let stats = Mutex::new(StatsV1 { chunks_read: to_read.len() as u64, ..StatsV1::default() });
+    let bytes_read = AtomicU64::new(0);
+    let total_bytes: u64 = to_read.iter().map(|&i| chunk_size.min(size - i * chunk_size)).sum();
+    let cancel = AtomicBool::new(false);
+    let first_error: Mutex<Option<CreateError>> = Mutex::new(None);
+    let fail = |e: CreateError| {
+        cancel.store(true, Ordering::Release);
+        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    };
+
+    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(threads * 2);
+    let work_rx = Mutex::new(work_rx);
+    let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(threads * 2 + 1);
+    for _ in 0..threads * 2 + 1 {
+        let _ = free_tx.send(vec![0u8; chunk_size as usize]);
+    }
+    let (done_tx, done_rx) = mpsc::channel::<(u64, [u8; 32])>();
+
+    std::thread::scope(|scope| {
+        // Reader: reads the chunks in order, one buffer at a time from the free list.
+        let reader_tx: SyncSender<(u64, Vec<u8>)> = work_tx;
+        let free_rx: Receiver<Vec<u8>> = free_rx;
+        let (to_read, cancel, fail, volume, bytes_read) = (&to_read, &cancel, &fail, &volume, &bytes_read);
+        let reader = scope.spawn(move || {
+            for &index in to_read {
+                if cancel.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(mut buf) = free_rx.recv() else { return };
+                let offset = index * chunk_size;
+                let len = chunk_size.min(size - offset) as usize;
+                buf.resize(len, 0);
+                if let Err(reason) = source.read_at(offset, &mut buf) {
+                    fail(CreateError::Read { volume: volume.clone(), offset, reason });
+                    return;
+                }
+                source.release(offset, len as u64);
+                let read = bytes_read.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+                progress(Progress { done: read, total: total_bytes });
+                if reader_tx.send((index, buf)).is_err() {
+                    return;
+                }
+            }
+        });
+        // Workers: hole check, keyed hash, dedup check, seal, put.
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let free_tx = free_tx.clone();
+            let work_rx = &work_rx;
+            let stats = &stats;
+            scope.spawn(move || loop {
+                let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((index, buf)) = next else { return };
+                if cancel.load(Ordering::Acquire) {
+                    return;
+                }
+                let entry = match seal_one(key, vault, &buf, options.zstd_level) {
+                    Ok(Sealed::Hole) => {
+                        stats.lock().unwrap_or_else(|p| p.into_inner()).zero_chunks += 1;
+                        HOLE
+                    }
+                    Ok(Sealed::Present(id)) => id.0,
+                    Ok(Sealed::Written(id, stored)) => {
+                        let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                        s.new_chunks += 1;
+                        s.new_stored_bytes += stored;
+                        s.new_plain_bytes += buf.len() as u64;
+                        id.0
+                    }
+                    Err(e) => {
+                        fail(match e {
+                            SealError::Chunk(e) => CreateError::Chunk(e, volume.to_string()),
+                            SealError::Vault(e) => CreateError::Vault(e),
+                        });
+                        return;
+                    }
+                };
+                let _ = free_tx.send(buf);
+                if done_tx.send((index, entry)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        drop(free_tx);
+        // Collector (this thread): fills the entries, renews the lease.
+        for (index, entry) in done_rx.iter() {
+            entries[index as usize] = entry;
+            if let Err(e) = lease.renew() {
+                fail(e.into());
+                break;
+            }
+        }
+        let _ = reader.join();
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        lease.abandon();
+        return Err(e);
+    }
+    // Every chunk's entry is final; holes for chunks that became all-zero count too.
+    let mut stats = stats.into_inner().unwrap_or_else(|p| p.into_inner());
+    if parent_id.is_none() {
+        stats.zero_chunks = entries.iter().filter(|e| **e == HOLE).count() as u64;
+    }
+    let manifest = ManifestV1 {
+        snapshot_id: snapshot_id.clone(),
+        volume: volume.clone(),
+        marker: options.marker.clone(),
+        node: options.node.clone(),
+        key_id: key.key_id(),
+        created_unix,
+        marker_seq: options.marker_seq,
+        parent: parent_id,
+        full_read: full_read.is_some(),
+        volume_size: size,
+        chunk_size: options.chunk_size,
+        stats: stats.clone(),
+        chunks: entries,
+    };
+    let bytes = encode_manifest(key, &manifest)?;
+    let manifest_key = keys::manifest(&volume, &snapshot_id);
+    lease.check()?;
+    vault.put_object(&manifest_key, &bytes)?;
+    lease.finish()?;
+    Ok(CreateReport {
+        snapshot_id,
+        manifest_key,
+        full_read,
+        stats,
+        chunks_total: chunk_count,
+        bytes_read: bytes_read.into_inner(),
+    })
+}
+
+enum Sealed {
+    Hole,
+    Present(ChunkId),
+    Written(ChunkId, u64),
+}
+
+enum SealError {
+    Chunk(ChunkError),
+    Vault(VaultError),
+}
+
+fn seal_one(key: &TenantKey, vault: &dyn Vault, plain: &[u8], zstd_level: i32) -> Result<Sealed, SealError> {
+    if is_zero(plain) {
+        return Ok(Sealed::Hole);
+    }
+    let id = key.chunk_id(plain);
+    if vault.has_chunk(&id).map_err(SealError::Vault)? {
+        return Ok(Sealed::Present(id));
+    }
+    let frame = seal_chunk(key, &id, plain, zstd_level).map_err(SealError::Chunk)?;
+    match vault.put_chunk(&id, &frame).map_err(SealError::Vault)? {
+        Put::Written => Ok(Sealed::Written(id, frame.len() as u64)),
+        Put::AlreadyPresent => Ok(Sealed::Present(id)),
+    }
+}
+
+/// A [`Source`] over a file or block device read with positional reads.
+#[derive(Debug)]
+pub struct FileSource {
+    file: std::fs::File,
+    size: u64,
+}
+
+impl FileSource {
+    /// Opens `path` (a regular file or a block device) for reading.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = std::fs::File::open(path)?;
+        // Block devices report length 0 in metadata; seeking to the end gives their size.
+        let size = file.seek(SeekFrom::End(0))?;
+        Ok(FileSource { file, size })
+    }
+}
+
+impl Source for FileSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::LocalVault;
+
+    struct MemSource(Vec<u8>);
+
+    impl Source for MemSource {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+            let start = offset as usize;
+            buf.copy_from_slice(&self.0[start..start + buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn options(id: &str) -> CreateOptions {
+        CreateOptions {
+            volume: "db".into(),
+            marker: "m".into(),
+            marker_seq: 1,
+            node: "node-a".into(),
+            chunk_size: 4096,
+            zstd_level: 3,
+            threads: 3,
+            snapshot_id: Some(id.into()),
+            created_unix: Some(1_795_000_000),
+        }
+    }
+
+    #[test]
+    fn utc_formats() {
+        assert_eq!(utc_compact(0), "19700101T000000Z");
+        assert_eq!(utc_display(1_795_000_000), "2026-11-18 11:06:40");
+        assert_eq!(utc_compact(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_compact(-1), "19691231T235959Z");
+    }
+
+    #[test]
+    fn full_then_incremental() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = LocalVault::open("local", dir.path(), "t").unwrap();
+        let key = TenantKey::from_bytes([3; 32]);
+        let mut data = vec![0u8; 10 * 4096 + 100];
+        data[5000..9000].fill(7);
+        data[4 * 4096..5 * 4096].fill(7);
+        data[8 * 4096..9 * 4096].fill(7);
+        let report = create_snapshot(
+            &key,
+            &vault,
+            &MemSource(data.clone()),
+            &options("s1"),
+            None,
+            Changed::All("first".into()),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(report.chunks_total, 11);
+        assert_eq!(report.stats.chunks_read, 11);
+        // Chunks 1, 2, 4, 8 hold data; 4 and 8 are identical: stored once.
+        assert_eq!(report.stats.new_chunks, 3);
+        assert_eq!(report.stats.zero_chunks, 7);
+        let m1 = Manifest::load(&vault.get_object(&report.manifest_key).unwrap(), &key).unwrap();
+        assert!(m1.full_read());
+        assert_eq!(m1.chunk(4), m1.chunk(8));
+        assert_eq!(m1.chunk(0), Some(crate::manifest::ChunkRef::Hole));
+
+        data[10 * 4096 + 5] = 1; // the short last chunk
+        data[0] = 9;
+        let r2 = create_snapshot(
+            &key,
+            &vault,
+            &MemSource(data.clone()),
+            &options("s2"),
+            Some(&m1),
+            Changed::Chunks(vec![0, 10]),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(r2.stats.chunks_read, 2);
+        assert_eq!(r2.bytes_read, 4096 + 100);
+        assert_eq!(r2.full_read, None);
+        let m2 = Manifest::load(&vault.get_object(&r2.manifest_key).unwrap(), &key).unwrap();
+        assert_eq!(m2.parent(), Some("s1"));
+        assert_eq!(m2.chunk(4), m1.chunk(4));
+        assert_ne!(m2.chunk(0), m1.chunk(0));
+        // No upload leases left behind.
+        assert!(vault.list_objects(keys::UPLOADS).unwrap().is_empty());
+    }
+
+    #[test]
+    fn read_error_leaves_no_manifest() {
+        struct Failing;
+        impl Source for Failing {
+            fn size(&self) -> u64 {
+                1 << 20
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+                if offset >= 512 << 10 {
+                    return Err("EIO".into());
+                }
+                buf.fill(1);
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let vault = LocalVault::open("local", dir.path(), "t").unwrap();
+        let key = TenantKey::from_bytes([3; 32]);
+        let err = create_snapshot(&key, &vault, &Failing, &options("s1"), None, Changed::All("x".into()), &|_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("EIO"), "{err}");
+        assert!(vault.list_objects("").unwrap().is_empty(), "no manifest, no lease");
+    }
+}
