@@ -9,6 +9,11 @@ Usage: report.py replication RESULTS_DIR   (replication.sh)
 Reads quic-rN.jsonl (quic-probe), {single,repl}-seq*.json, {plain,single,repl}-lat-rN.json,
 *.server_cpu (JSON lists: the primary's and the standby's CPU seconds) and
 pgbench-{pgsync,single,repl}-rN.txt; prints what is there and the targets with ✓/✗.
+
+Usage: report.py snapshot RESULTS_DIR   (snapshot.sh)
+Reads composition.json, SYSTEM-{full,incr,restore}.time (GNU time -v), .out (snapshot-bench's
+JSON line for keel-CHUNK), .size ("apparent allocated" bytes of the repository) and
+disk-write-rN.time; prints time, size and memory tables and the targets with ✓/✗.
 """
 
 import glob
@@ -22,6 +27,9 @@ import sys
 def main():
     if sys.argv[1] == "replication":
         replication(sys.argv[2])
+        return
+    if sys.argv[1] == "snapshot":
+        snapshot(sys.argv[2])
         return
     work, seq_size, rand_runtime, lat_runtime = sys.argv[1:5]
     rounds = int(sys.argv[5])
@@ -258,6 +266,148 @@ def replication(results):
     if checks:
         print("Targets")
         show([["target", "measured", "goal", ""]] + [[t, m, g, "✓" if ok else "✗"] for t, m, g, ok in checks])
+
+
+def snapshot(results):
+    """The snapshot tables: Keel per chunk size, restic, borg and the disk on one image."""
+
+    def path(name):
+        return os.path.join(results, name)
+
+    def gnu_time(name):
+        """Wall seconds, max RSS (MiB) and CPU seconds of one step, or None if it did not run."""
+        try:
+            with open(path(f"{name}.time")) as f:
+                fields = dict(line.strip().rsplit(": ", 1) for line in f if ": " in line)
+        except FileNotFoundError:
+            return None
+        wall = 0.0
+        for part in fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":"):
+            wall = wall * 60 + float(part)
+        return {"wall": wall, "rss": int(fields["Maximum resident set size (kbytes)"]) / 1024,
+                "cpu": float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])}
+
+    def bench_line(name):
+        try:
+            with open(path(f"{name}.out")) as f:
+                return json.loads(f.read().strip().splitlines()[-1])
+        except (FileNotFoundError, IndexError, ValueError):
+            return None
+
+    def size(name):
+        try:
+            with open(path(f"{name}.size")) as f:
+                apparent, allocated = f.read().split()
+            return int(apparent), int(allocated)
+        except FileNotFoundError:
+            return None
+
+    with open(path("composition.json")) as f:
+        c = json.load(f)
+    image = c["image_bytes"]
+    chunks = sorted({os.path.basename(p)[len("keel-"):-len("-full.time")] for p in glob.glob(path("keel-*-full.time"))},
+                    key=parse_size)
+    systems = [(f"keel {ch}", f"keel-{ch}") for ch in chunks]
+    systems += [(label, name) for label, name in (("restic", "restic"), ("borg", "borg"))
+                if os.path.exists(path(f"{name}-full.time"))]
+    disk = [t for t in (gnu_time(f"disk-write-r{r}") for r in (1, 2)) if t]
+    steps = {(name, op): gnu_time(f"{name}-{op}") for _, name in systems for op in ("full", "incr", "restore")}
+    sizes = {(name, op): size(f"{name}-{op}") for _, name in systems for op in ("full", "incr")}
+
+    print(f"Image: {gib(image)} = ext4 {gib(c['ext4_bytes'])} (PostgreSQL 15 data directory after "
+          f"pgbench -i -s {c['pgbench_scale']}: {gib(c['pgdata_bytes'])}; {gib(c['ext4_used_bytes'])} of its blocks "
+          f"used, the rest zeros) + {gib(c['random_bytes'])} random + {gib(c['zero_bytes'])} zeros.")
+    print(f"Churn: {c['churn_pages']} random {c['page_bytes'] >> 10} KiB pages (1 %, "
+          f"{c['churn_pages'] * c['page_bytes'] / 2**20:.0f} MiB) overwritten with random bytes. "
+          f"Page caches dropped before every step: {'yes' if c['drop_caches'] else 'NO'}. "
+          f"Keel sealing/restore threads: {c['keel_threads']}.\n")
+
+    def cell(t):
+        return "-" if t is None else f"{t['wall']:.1f} s ({image / 2**20 / t['wall']:.0f} MiB/s)"
+
+    labels = {"full": "full", "incr": "incremental (after the churn)", "restore": "restore to a new file + fsync"}
+    disk_cells = {"full": "", "incr": "", "restore": " / ".join(cell(t) for t in disk) or "-"}
+    table = [["wall time (image MiB/s)", *(label for label, _ in systems), "disk: dd 1M + fdatasync"]]
+    for op in ("full", "incr", "restore"):
+        table.append([labels[op], *(cell(steps[(name, op)]) for _, name in systems), disk_cells[op]])
+    show(table)
+
+    def mib(v):
+        return "-" if v is None else f"{v / 2**20:.0f}"
+
+    table = [["repository and memory (MiB)", *(label for label, _ in systems)]]
+    table.append(["repo after full (du -sb)", *(mib(sizes[(n, "full")] and sizes[(n, "full")][0]) for _, n in systems)])
+    table.append(["  allocated on disk", *(mib(sizes[(n, "full")] and sizes[(n, "full")][1]) for _, n in systems)])
+    table.append(["repo growth from the incremental", *(
+        "-" if not (sizes[(n, "full")] and sizes[(n, "incr")]) else mib(sizes[(n, "incr")][0] - sizes[(n, "full")][0])
+        for _, n in systems)])
+    for op in ("full", "incr", "restore"):
+        table.append([f"max RSS, {op}", *(f0(steps[(n, op)] and steps[(n, op)]["rss"]) for _, n in systems)])
+    for op in ("full", "incr", "restore"):
+        table.append([f"CPU s (user+sys), {op}",
+                      *("-" if steps[(n, op)] is None else f"{steps[(n, op)]['cpu']:.1f}" for _, n in systems)])
+    show(table)
+
+    if chunks:
+        table = [["keel, per chunk size", *chunks]]
+        lines = {(ch, op): bench_line(f"keel-{ch}-{op}") for ch in chunks for op in ("full", "incr", "restore")}
+
+        def row(label, op, fmt):
+            table.append([label, *("-" if lines[(ch, op)] is None else fmt(lines[(ch, op)]) for ch in chunks)])
+
+        row("chunks in the image", "full", lambda l: str(l["chunks_total"]))
+        row("  holes (all zero)", "full", lambda l: str(l["zero_chunks"]))
+        row("  stored (after dedup)", "full", lambda l: str(l["new_chunks"]))
+        row("  stored MiB / plain MiB", "full",
+            lambda l: f"{l['new_stored_bytes'] / 2**20:.0f} / {l['new_plain_bytes'] / 2**20:.0f}")
+        row("incr: 64 KiB regions changed", "incr", lambda l: str(l["changed_regions"]))
+        row("incr: chunks read", "incr", lambda l: str(l["chunks_read"]))
+        row("incr: MiB read", "incr", lambda l: f"{l['bytes_read'] / 2**20:.0f}")
+        row("incr: new chunks, stored MiB", "incr",
+            lambda l: f"{l['new_chunks']}, {l['new_stored_bytes'] / 2**20:.0f}")
+        row("incr: s in the library (MiB read/s)", "incr", lambda l: f"{l['seconds']:.2f} ({l['read_mib_per_s']:.0f})")
+        row("restore: chunks written, holes skipped", "restore", lambda l: f"{l['chunks_written']}, {l['holes']}")
+        table.append(["repo growth per MiB of pages written", *(
+            "-" if not (sizes[(f"keel-{ch}", "full")] and sizes[(f"keel-{ch}", "incr")]) else
+            f"{(sizes[(f'keel-{ch}', 'incr')][0] - sizes[(f'keel-{ch}', 'full')][0]) / (c['churn_pages'] * c['page_bytes']):.1f}"
+            for ch in chunks)])
+        show(table)
+
+    restic = {op: steps.get(("restic", op)) for op in ("full", "incr")}
+    restic_size = sizes.get(("restic", "full"))
+    disk_mib = statistics.median(image / 2**20 / t["wall"] for t in disk) if disk else None
+    checks = []
+    for ch in chunks:
+        name = f"keel-{ch}"
+        full, incr, rest = (steps[(name, op)] for op in ("full", "incr", "restore"))
+        if full and restic["full"] and restic_size and sizes[(name, "full")]:
+            speedup = restic["full"]["wall"] / full["wall"]
+            ratio = sizes[(name, "full")][0] / restic_size[0]
+            checks.append((f"full, keel {ch}: >= 2x faster than restic, repo <= restic's",
+                           f"{speedup:.2f}x, repo {ratio:.2f}x restic's", ">= 2x, <= 1.00x",
+                           speedup >= 2 and ratio <= 1))
+        if incr and restic["incr"]:
+            speedup = restic["incr"]["wall"] / incr["wall"]
+            checks.append((f"incremental, keel {ch}: >= 20x faster than restic's second backup",
+                           f"{speedup:.1f}x", ">= 20x", speedup >= 20))
+        if rest and disk_mib:
+            ratio = image / 2**20 / rest["wall"] / disk_mib
+            checks.append((f"restore, keel {ch}: >= 0.7x the disk's sequential write",
+                           f"{ratio:.2f}x ({image / 2**20 / rest['wall']:.0f} vs {disk_mib:.0f} MiB/s)", ">= 0.70x",
+                           ratio >= 0.7))
+    if checks:
+        print("Targets (disk = median of the dd runs)")
+        show([["target", "measured", "goal", ""]] + [[t, m, g, "✓" if ok else "✗"] for t, m, g, ok in checks])
+
+
+def parse_size(text):
+    """`64K`, `1M` -> bytes (sorts the chunk sizes)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+
+
+def gib(v):
+    return f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.0f} MiB"
 
 
 def pct(lat, p):

@@ -2,10 +2,12 @@
 //!
 //! A [`Volume`] lives in its own directory: a superblock (`volume.hdr`), a write journal of
 //! preallocated segment files (`journal/`), a sparse block store (`data/`) and a change
-//! map (`changemap.bin`). Every write is a journal record with a sequence number in one
-//! total order; [`Volume::flush`] makes everything written before it durable with one
-//! shared `fdatasync`; recovery replays the journal from the last checkpoint. The engine
-//! does no networking and never awaits.
+//! map (`changemap.bin`, plus one `changes-*.layer` file per interval between snapshot
+//! markers). Every write is a journal record with a sequence number in one total order;
+//! [`Volume::flush`] makes everything written before it durable with one shared
+//! `fdatasync`; recovery replays the journal from the last checkpoint. [`Volume::snapshot`]
+//! freezes the contents at a marker ([`Frozen`]) while writes go on. The engine does no
+//! networking and never awaits.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -46,6 +48,6 @@ pub use journal::{list_segments, scan, JournalPosition, ScanEnd, ScanParams, Sca
 pub use replica::{RecordSink, ReplicaRecord, RewindReport};
 pub use storage::{Env, Extent, IoBackend, OpenMode, PosixEnv, Storage};
 pub use volume::{
-    OpenOptions, RecoveryReport, Volume, VolumeOptions, VolumeStatus, MAX_VOLUME_BYTES, SNAPSHOT_NAME_MAX_BYTES,
-    SUPERBLOCK_FILE,
+    FreezeWaiter, Frozen, OpenOptions, RecoveryReport, Volume, VolumeOptions, VolumeStatus, FROZEN_MAX,
+    MAX_VOLUME_BYTES, SNAPSHOT_NAME_MAX_BYTES, SUPERBLOCK_FILE,
 };

@@ -42,9 +42,12 @@ use crate::journal::{
 };
 use crate::storage::{Env, Extent, OpenMode};
 
+mod frozen;
 mod replication;
 #[cfg(test)]
 mod tests;
+
+pub use frozen::{FreezeWaiter, Frozen, FROZEN_MAX};
 
 /// File name of the superblock inside a volume directory.
 pub const SUPERBLOCK_FILE: &str = "volume.hdr";
@@ -158,8 +161,10 @@ struct Inner {
     size: u64,
     superblock: Mutex<Superblock>,
     journal: Journal,
-    store: BlockStore,
-    changemap: ChangeMap,
+    store: Arc<BlockStore>,
+    changemap: Arc<ChangeMap>,
+    /// Frozen views (snapshots being read while writes go on); see `volume/frozen.rs`.
+    frozen: Arc<frozen::FrozenSet>,
     max_payload: usize,
     poison: OnceLock<String>,
     /// Held for a whole checkpoint; holds the last data seq a checkpoint covered.
@@ -305,7 +310,7 @@ impl Volume {
         let store =
             BlockStore::open(env.as_ref(), dir, sb.size, sb.extent_file_bytes).map_err(io("open the block store"))?;
         let (changemap, change_map_state) = ChangeMap::open(
-            env.as_ref(),
+            Arc::clone(&env),
             dir,
             sb.volume_id,
             sb.size,
@@ -315,10 +320,9 @@ impl Volume {
         )
         .map_err(io("open the change map"))?;
         if let ChangeMapState::Rebuilt { reason } = &change_map_state {
-            tracing::warn!(volume = %name, "change map rebuilt because {reason}; changes before seq {} need a full scan", sb.checkpoint_seq);
+            tracing::warn!(volume = %name, "change map rebuilt because {reason}; changes before seq {} need a full scan", changemap.base_seq());
         }
         let segments = list_segments(env.as_ref(), dir, sb.volume_id).map_err(io("list the journal segments"))?;
-        let region_bytes = u64::from(sb.change_region_bytes);
         let params = ScanParams {
             segment_bytes: sb.segment_bytes,
             volume_size: sb.size,
@@ -336,8 +340,11 @@ impl Volume {
                 RecordKind::Barrier | RecordKind::Snapshot => Ok(()),
             };
             applied.map_err(io(&format!("replay record seq {}", h.seq)))?;
-            if matches!(h.kind, RecordKind::Write | RecordKind::Zero | RecordKind::Trim) {
-                changemap.mark(h.offset, h.length, region_bytes);
+            match h.kind {
+                RecordKind::Write | RecordKind::Zero | RecordKind::Trim => changemap.mark(h.offset, h.length),
+                // A marker the persisted map already cut (seq <= its base) is skipped.
+                RecordKind::Snapshot => changemap.cut(h.seq),
+                RecordKind::Barrier => {}
             }
             Ok(())
         })?;
@@ -379,6 +386,9 @@ impl Volume {
             resume,
         )
         .map_err(io("open the journal"))?;
+        // Cut points after the journal's end belong to records recovery dropped (an
+        // unsynced tail): forget them before new records reuse those seqs.
+        changemap.truncate_after(end.next_seq - 1);
         // Checkpoint at the end of the replay, so the next open starts here.
         store.sync().map_err(io("sync the block store"))?;
         changemap.persist().map_err(io("persist the change map"))?;
@@ -398,6 +408,10 @@ impl Volume {
         durable_replace(env.as_ref(), &dir.join(SUPERBLOCK_FILE), &sb.encode()).map_err(io("write the superblock"))?;
         let max_payload = Journal::max_payload(sb.segment_bytes);
         let checkpoint_pressure_bytes = sb.segment_bytes * u64::from(sb.segment_count_max / 2).max(1);
+        let (store, changemap) = (Arc::new(store), Arc::new(changemap));
+        let frozen =
+            frozen::FrozenSet::open(&name, Arc::clone(&env), dir, Arc::clone(&store), Arc::clone(&changemap), sb.size)
+                .map_err(io("remove leftover snapshot copy files"))?;
         let inner = Arc::new(Inner {
             name: name.clone(),
             dir: dir.to_path_buf(),
@@ -407,6 +421,7 @@ impl Volume {
             journal,
             store,
             changemap,
+            frozen: Arc::new(frozen),
             max_payload,
             poison: OnceLock::new(),
             checkpoint_lock: Mutex::new(end.last_data_seq),
@@ -498,14 +513,11 @@ impl Volume {
     }
 
     /// Records a snapshot point in the journal and makes it durable; returns its seq.
+    /// The marker also cuts the change map: its seq becomes a point
+    /// [`Volume::changed_between`] answers exactly for.
     pub fn mark_snapshot(&self, name: &str) -> Result<u64> {
         let inner = &self.inner;
-        if name.is_empty() || name.len() > SNAPSHOT_NAME_MAX_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "volume {:?}: snapshot name must be 1-{SNAPSHOT_NAME_MAX_BYTES} bytes",
-                inner.name
-            )));
-        }
+        inner.validate_snapshot_name(name)?;
         inner.check_writable()?;
         let seq = inner.append(NewRecord::local(RecordKind::Snapshot, 0, 0, 0, name.as_bytes()))?;
         inner.journal.flush_to(seq).map_err(|e| inner.flush_error(e))?;
@@ -523,15 +535,35 @@ impl Volume {
         })
     }
 
-    /// A superset of the regions changed since `seq` (every region changed since the map's
-    /// base seq), or [`Error::ChangeMapUnavailable`] when the map cannot answer (it was
-    /// rebuilt after `seq`): scan everything then.
+    /// A superset of the regions changed since `seq` (every region changed since the last
+    /// snapshot cut at or before `seq`), or [`Error::ChangeMapUnavailable`] when the map
+    /// cannot answer (it was rebuilt after `seq`, or its oldest layers are gone): scan
+    /// everything then.
     pub fn changed_since(&self, seq: u64) -> Result<ChangeSet> {
         let inner = &self.inner;
-        inner.changemap.changed_since(seq).ok_or_else(|| Error::ChangeMapUnavailable {
+        inner.changemap.changed_since(seq).map_err(|reason| Error::ChangeMapUnavailable {
             volume: inner.name.clone(),
             since: seq,
-            reason: format!("the map only tracks changes after seq {}", inner.changemap.base_seq()),
+            reason,
+        })
+    }
+
+    /// The regions changed by records with seq in `(since, until]`, where `until` is a
+    /// snapshot marker's seq the map still holds as a cut point: exact when `since` is one
+    /// too, a superset otherwise. [`Error::ChangeMapUnavailable`] when `since` is older than
+    /// the map's base or `until` is not a retained cut point (the reason says which).
+    pub fn changed_between(&self, since: u64, until: u64) -> Result<ChangeSet> {
+        let inner = &self.inner;
+        if since > until {
+            return Err(Error::InvalidArgument(format!(
+                "volume {:?}: changes between seq {since} and seq {until}: the range is backwards",
+                inner.name
+            )));
+        }
+        inner.changemap.changed_between(since, until).map_err(|reason| Error::ChangeMapUnavailable {
+            volume: inner.name.clone(),
+            since,
+            reason,
         })
     }
 
@@ -563,6 +595,7 @@ impl Volume {
     /// Flushes, checkpoints and closes the volume, reporting any error (dropping the
     /// volume does the same but can only log errors).
     pub fn close(mut self) -> Result<()> {
+        self.inner.frozen.invalidate_all("the volume was closed");
         self.stop_checkpointer();
         self.inner.close()
     }
@@ -580,6 +613,7 @@ impl Volume {
 
 impl Drop for Volume {
     fn drop(&mut self) {
+        self.inner.frozen.invalidate_all("the volume was closed");
         if self.checkpointer.is_none() && Arc::strong_count(&self.inner) > 1 {
             return;
         }
@@ -613,6 +647,7 @@ impl Inner {
             cause.clone()
         });
         self.journal.poison(first.clone());
+        self.frozen.invalidate_all(&format!("the volume was poisoned ({first})"));
         Error::Poisoned { volume: self.name.clone(), cause: first.clone() }
     }
 
@@ -628,22 +663,50 @@ impl Inner {
         }
     }
 
-    /// Applies a record to the block store and the change map (under the journal lock,
-    /// right after it was appended; and in replay).
-    fn apply(&self, kind: RecordKind, flags: u8, offset: u64, length: u64, payload: &[u8]) -> std::io::Result<()> {
+    fn validate_snapshot_name(&self, name: &str) -> Result<()> {
+        if name.is_empty() || name.len() > SNAPSHOT_NAME_MAX_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "volume {:?}: snapshot name must be 1-{SNAPSHOT_NAME_MAX_BYTES} bytes",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies record `seq` to the block store and the change map, under the journal lock,
+    /// right after it was appended (replay does the same in `open`). A data record first
+    /// lets live frozen views copy what it overwrites; a snapshot marker cuts the change
+    /// map and activates the freezes waiting for it (`freeze`: the one
+    /// [`Volume::snapshot`] took for this marker).
+    fn apply(&self, seq: u64, record: &NewRecord<'_>, freeze: Option<&Arc<frozen::Core>>) -> std::io::Result<()> {
+        let NewRecord { kind, flags, offset, length, payload, .. } = *record;
+        match kind {
+            RecordKind::Write | RecordKind::Zero | RecordKind::Trim => self.frozen.before_mutation(offset, length),
+            RecordKind::Snapshot => {
+                self.changemap.cut(seq);
+                self.frozen.on_marker(seq, payload, freeze);
+                return Ok(());
+            }
+            RecordKind::Barrier => return Ok(()),
+        }
         match kind {
             RecordKind::Write => self.store.write(offset, payload)?,
             RecordKind::Zero => self.store.zero(offset, length, flags & FLAG_MAY_PUNCH != 0)?,
             RecordKind::Trim => self.store.zero(offset, length, true)?,
             RecordKind::Barrier | RecordKind::Snapshot => return Ok(()),
         }
-        self.changemap.mark(offset, length, self.changemap.region_bytes());
+        self.changemap.mark(offset, length);
         Ok(())
     }
 
     /// Appends `record` and applies it, checkpointing first when the journal is full.
     fn append(&self, record: NewRecord<'_>) -> Result<u64> {
-        let apply = |_seq: u64| self.apply(record.kind, record.flags, record.offset, record.length, record.payload);
+        self.append_freezing(record, None)
+    }
+
+    /// [`Inner::append`], activating `freeze` when the record (a snapshot marker) is applied.
+    fn append_freezing(&self, record: NewRecord<'_>, freeze: Option<&Arc<frozen::Core>>) -> Result<u64> {
+        let apply = |seq: u64| self.apply(seq, &record, freeze);
         loop {
             match self.journal.append(record, &apply) {
                 Ok(seq) => {

@@ -142,9 +142,16 @@ impl CreateError {
     }
 }
 
-/// A new snapshot id: the UTC time and 32 random bits, so ids sort by time.
+/// Chunks read between two [`Vault::sync`] calls while a snapshot is taken.
+const SYNC_EVERY: usize = 4096;
+
+/// A new snapshot id: the UTC time to the microsecond and 32 random bits, so the ids of
+/// one volume's snapshots sort in the order they were taken (`20261130T070000.123456Z-…`).
 pub fn new_snapshot_id(unix: i64) -> String {
-    format!("{}-{:08x}", utc_compact(unix), rand::random::<u32>())
+    let micros = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_micros());
+    let compact = utc_compact(unix);
+    let (seconds, _) = compact.split_at(compact.len() - 1);
+    format!("{seconds}.{micros:06}Z-{:08x}", rand::random::<u32>())
 }
 
 /// `YYYYMMDDTHHMMSSZ` for unix seconds.
@@ -235,6 +242,9 @@ pub fn create_snapshot(
             None,
         ),
     };
+
+    // The source need not preserve what will not be read (a frozen view stops copying it).
+    release_unread(source, &to_read, chunk_count, chunk_size, size);
 
     let holder = format!("{}:{}", options.node, std::process::id());
     let mut lease = UploadLease::begin(
@@ -331,11 +341,18 @@ pub fn create_snapshot(
         }
         drop(done_tx);
         drop(free_tx);
-        // Collector (this thread): fills the entries, renews the lease.
-        for (index, entry) in done_rx.iter() {
+        // Collector (this thread): fills the entries, renews the lease, and makes the
+        // chunks durable in batches (bounding what a deferred store holds pending).
+        for (done, (index, entry)) in done_rx.iter().enumerate() {
             entries[index as usize] = entry;
-            if let Err(e) = lease.renew() {
-                fail(e.into());
+            let step = lease.renew().map_err(CreateError::from).and_then(|()| {
+                if (done + 1) % SYNC_EVERY == 0 {
+                    vault.sync()?;
+                }
+                Ok(())
+            });
+            if let Err(e) = step {
+                fail(e);
                 break;
             }
         }
@@ -367,6 +384,8 @@ pub fn create_snapshot(
     };
     let bytes = encode_manifest(key, &manifest)?;
     let manifest_key = keys::manifest(&volume, &snapshot_id);
+    // Every chunk the manifest names is durable before the manifest is written.
+    vault.sync()?;
     lease.check()?;
     vault.put_object(&manifest_key, &bytes)?;
     lease.finish()?;
@@ -378,6 +397,22 @@ pub fn create_snapshot(
         chunks_total: chunk_count,
         bytes_read: bytes_read.into_inner(),
     })
+}
+
+/// Releases the ranges of the chunks not in `to_read` (ascending), coalesced.
+fn release_unread(source: &dyn Source, to_read: &[u64], chunk_count: u64, chunk_size: u64, size: u64) {
+    let mut next = 0u64;
+    let release = |from: u64, to: u64| {
+        if from < to {
+            let offset = from * chunk_size;
+            source.release(offset, (to * chunk_size).min(size) - offset);
+        }
+    };
+    for &index in to_read {
+        release(next, index);
+        next = index + 1;
+    }
+    release(next, chunk_count);
 }
 
 enum Sealed {
@@ -439,6 +474,7 @@ impl Source for FileSource {
 mod tests {
     use super::*;
     use crate::vault::LocalVault;
+    use std::sync::Mutex;
 
     struct MemSource(Vec<u8>);
 
@@ -525,6 +561,43 @@ mod tests {
         assert_ne!(m2.chunk(0), m1.chunk(0));
         // No upload leases left behind.
         assert!(vault.list_objects(keys::UPLOADS).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unread_ranges_are_released() {
+        struct Recorder(Mutex<Vec<(u64, u64)>>);
+        impl Source for Recorder {
+            fn size(&self) -> u64 {
+                10 * 4096 - 7
+            }
+            fn read_at(&self, _: u64, buf: &mut [u8]) -> Result<(), String> {
+                buf.fill(1);
+                Ok(())
+            }
+            fn release(&self, offset: u64, len: u64) {
+                self.0.lock().unwrap().push((offset, len));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let vault = LocalVault::open("local", dir.path(), "t").unwrap();
+        let key = TenantKey::from_bytes([3; 32]);
+        let source = Recorder(Mutex::new(Vec::new()));
+        let r1 =
+            create_snapshot(&key, &vault, &source, &options("s1"), None, Changed::All("x".into()), &|_| {}).unwrap();
+        let m1 = Manifest::load(&vault.get_object(&r1.manifest_key).unwrap(), &key).unwrap();
+        let mut released = std::mem::take(&mut *source.0.lock().unwrap());
+        released.sort_unstable();
+        // A full read releases each chunk as it is read, nothing beforehand.
+        assert_eq!(released.len(), 10);
+        create_snapshot(&key, &vault, &source, &options("s2"), Some(&m1), Changed::Chunks(vec![2, 3, 9]), &|_| {})
+            .unwrap();
+        let mut released = std::mem::take(&mut *source.0.lock().unwrap());
+        released.sort_unstable();
+        let size = 10 * 4096 - 7;
+        assert_eq!(
+            released,
+            vec![(0, 2 * 4096), (2 * 4096, 4096), (3 * 4096, 4096), (4 * 4096, 5 * 4096), (9 * 4096, size - 9 * 4096)]
+        );
     }
 
     #[test]

@@ -189,7 +189,9 @@ pub fn copy_snapshot(
         progress(Progress { done, total: report.chunks });
         lease.renew()?;
     }
-    // Verify after upload: the destination must hold every chunk before the manifest.
+    // Verify after upload: the destination must hold every chunk, durably, before the
+    // manifest.
+    to.sync()?;
     for batch in ids.chunks(BATCH) {
         if let Some((id, _)) = batch.iter().zip(to.has_chunks(batch)?).find(|(_, have)| !have) {
             return Err(MaintainError::Chunk {
@@ -397,6 +399,7 @@ fn heal(
         // The bad file must go first: a put of an id that exists is a no-op.
         vault.delete_chunk(id)?;
         vault.put_chunk(id, &frame)?;
+        vault.sync()?;
         return Ok(Some(other.name().to_owned()));
     }
     Ok(None)
@@ -578,8 +581,8 @@ mod tests {
     fn copy_sends_only_missing_chunks_and_resumes() {
         let dir = tempfile::tempdir().unwrap();
         let key = TenantKey::from_bytes([8; 32]);
-        let a = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
-        let b = LocalVault::open("b", dir.path().join("b"), "t").unwrap();
+        let a = LocalVault::open_deferred("a", dir.path().join("a"), "t").unwrap();
+        let b = LocalVault::open_deferred("b", dir.path().join("b"), "t").unwrap();
         let mut data: Vec<u8> = (0..64 * CHUNK).map(|i| (i / CHUNK) as u8 ^ 0x5a).collect();
         let k1 = take(&key, &a, "db", &data, None);
         // An interrupted copy: a few chunks arrived, no manifest.
@@ -690,7 +693,7 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let dir = tempfile::tempdir().unwrap();
             let key = TenantKey::from_bytes([seed as u8; 32]);
-            let vault = LocalVault::open("v", dir.path(), "t").unwrap();
+            let vault = LocalVault::open_deferred("v", dir.path(), "t").unwrap();
             let mut data = vec![0u8; 32 * CHUNK];
             let mut live: Vec<(String, Vec<u8>)> = Vec::new();
             let mut last_taken: Option<String> = None;

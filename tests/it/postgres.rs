@@ -37,14 +37,14 @@ use serde_json::Value;
 
 const VOLUME: &str = "pg";
 const VOLUME_SIZE: u64 = 1 << 30;
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-const DATABASE: &str = "keel";
+pub(crate) const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub(crate) const DATABASE: &str = "keel";
 /// pgbench's scale factor: 100,000 accounts per unit.
 const PGBENCH_SCALE: u32 = 4;
 /// The standby's hook runs ext4 journal replay and PostgreSQL crash recovery; generous,
 /// since a two-core machine also runs the test's own processes.
 const HOOK_TIMEOUT_SECS: u64 = 180;
-const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 /// The two storage nodes' indexes in the cluster.
 const PRIMARY: usize = 0;
 const STANDBY: usize = 1;
@@ -393,19 +393,19 @@ fn postgres_survives_a_power_cut_of_the_primary_and_moves_to_the_standby() {
 
 // --- PostgreSQL as the `postgres` user ------------------------------------------------------
 
-fn pg_bin(name: &str) -> PathBuf {
+pub(crate) fn pg_bin(name: &str) -> PathBuf {
     Path::new(PG_BIN).join(name)
 }
 
 /// The `postgres` user's ids (PostgreSQL refuses to run as root).
 #[derive(Debug, Clone)]
-struct PgUser {
+pub(crate) struct PgUser {
     uid: u32,
     gid: u32,
 }
 
 impl PgUser {
-    fn lookup() -> Result<Self> {
+    pub(crate) fn lookup() -> Result<Self> {
         let id = |flag: &str| -> Result<u32> {
             let out = run_ok(Command::new("id").args([flag, "postgres"]), Duration::from_secs(10))?;
             out.stdout.trim().parse().with_context(|| format!("id {flag} postgres printed {:?}", out.stdout))
@@ -415,18 +415,18 @@ impl PgUser {
 
     /// `program` as `postgres` (no supplementary groups: std drops them when root sets a
     /// uid), in `cwd`.
-    fn command(&self, cwd: &Path, program: &Path) -> Command {
+    pub(crate) fn command(&self, cwd: &Path, program: &Path) -> Command {
         let mut cmd = Command::new(program);
         cmd.uid(self.uid).gid(self.gid).current_dir(cwd).env("HOME", cwd);
         cmd
     }
 
-    fn run_ok(&self, cwd: &Path, cmd: &mut Command) -> Result<Output> {
+    pub(crate) fn run_ok(&self, cwd: &Path, cmd: &mut Command) -> Result<Output> {
         cmd.uid(self.uid).gid(self.gid).current_dir(cwd).env("HOME", cwd);
         run_ok(cmd, STEP_TIMEOUT)
     }
 
-    fn chown(&self, path: &Path) {
+    pub(crate) fn chown(&self, path: &Path) {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
             .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
     }
@@ -434,15 +434,15 @@ impl PgUser {
 
 /// Where a PostgreSQL server listens.
 #[derive(Debug, Clone)]
-struct Db {
-    pg: PgUser,
-    sock: PathBuf,
-    port: u16,
-    cwd: PathBuf,
+pub(crate) struct Db {
+    pub(crate) pg: PgUser,
+    pub(crate) sock: PathBuf,
+    pub(crate) port: u16,
+    pub(crate) cwd: PathBuf,
 }
 
 impl Db {
-    fn psql(&self, database: &str, sql: &str) -> Result<String> {
+    pub(crate) fn psql(&self, database: &str, sql: &str) -> Result<String> {
         let out = self.pg.run_ok(
             &self.cwd,
             Command::new(pg_bin("psql"))
@@ -460,7 +460,7 @@ impl Db {
     }
 
     /// `pg_amcheck --heapallindexed` over every database (installing amcheck where needed).
-    fn amcheck(&self) -> Result<Output> {
+    pub(crate) fn amcheck(&self) -> Result<Output> {
         self.pg.run_ok(
             &self.cwd,
             Command::new(pg_bin("pg_amcheck"))
@@ -473,12 +473,19 @@ impl Db {
 
 /// The primary's postmaster, a child of the test; SIGKILLed with its children on drop.
 #[derive(Debug)]
-struct Postmaster {
+pub(crate) struct Postmaster {
     child: Option<Child>,
 }
 
 impl Postmaster {
-    fn start(pg: &PgUser, cwd: &Path, pgdata: &Path, sock: &Path, port: u16, log_dir: &Path) -> Result<Self> {
+    pub(crate) fn start(
+        pg: &PgUser,
+        cwd: &Path,
+        pgdata: &Path,
+        sock: &Path,
+        port: u16,
+        log_dir: &Path,
+    ) -> Result<Self> {
         let log = std::fs::File::create(log_dir.join("postgres.log"))?;
         let child = pg
             .command(cwd, &pg_bin("postgres"))
@@ -505,6 +512,14 @@ impl Postmaster {
 
     fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// A fast, clean shutdown (SIGINT: abort sessions, checkpoint, exit); true when the
+    /// postmaster exited successfully.
+    pub(crate) fn stop_fast(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return false };
+        signal(child.id() as i32, libc::SIGINT);
+        child.wait().is_ok_and(|s| s.success())
     }
 
     /// Waits for the (killed) postmaster.
@@ -766,14 +781,14 @@ fn is_mountpoint(path: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&path)))
 }
 
-fn chmod(path: &Path, mode: u32) {
+pub(crate) fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
 
 /// A port number nobody listens on (PostgreSQL only uses it to name its socket here).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_or(55432, |a| a.port())
 }
 

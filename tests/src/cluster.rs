@@ -206,6 +206,9 @@ pub struct ClusterOptions {
     pub volume_extra: [String; 2],
     /// Extra `[replication.timing]` TOML lines.
     pub timing: String,
+    /// Extra top-level TOML for each node's config (a `[snapshots]` section), keyed by
+    /// node index; appended after the replication sections.
+    pub node_extra: [String; 2],
     /// How the processes reach each other.
     pub network: Network,
 }
@@ -216,6 +219,7 @@ impl Default for ClusterOptions {
             volumes: vec![("vol".into(), "16MiB".into())],
             volume_extra: Default::default(),
             timing: String::new(),
+            node_extra: Default::default(),
             network: Network::Loopback,
         }
     }
@@ -302,6 +306,9 @@ impl Cluster {
             ));
             if !options.timing.is_empty() {
                 config.push_str(&format!("\n[replication.timing]\n{}\n", options.timing));
+            }
+            if !options.node_extra[i].is_empty() {
+                config.push_str(&format!("\n{}\n", options.node_extra[i]));
             }
             let path = ndir.join("keel.toml");
             std::fs::write(&path, config)?;

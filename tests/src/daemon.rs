@@ -32,6 +32,15 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with an explicit I/O backend (`posix`, `uring`).
     pub fn start_with(volumes: &[(&str, &str)], io_backend: &str) -> Result<Self> {
+        let mut daemon = Self::configure(volumes, io_backend, "")?;
+        daemon.restart()?;
+        Ok(daemon)
+    }
+
+    /// Writes a config with `volumes` and the TOML text `extra` appended (e.g. a
+    /// `[snapshots]` section; `{dir}` in it is replaced by the node's directory), without
+    /// starting the node: call [`Daemon::restart`].
+    pub fn configure(volumes: &[(&str, &str)], io_backend: &str, extra: &str) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("keel-test-").tempdir()?;
         let mut config = format!(
             "node_name = \"test\"\ndata_dir = \"{}\"\nnbd_socket = \"{}\"\nio_backend = \"{io_backend}\"\n",
@@ -41,10 +50,10 @@ impl Daemon {
         for (name, size) in volumes {
             config.push_str(&format!("\n[[volume]]\nname = \"{name}\"\nsize = \"{size}\"\n"));
         }
+        config.push('\n');
+        config.push_str(&extra.replace("{dir}", &dir.path().display().to_string()));
         std::fs::write(dir.path().join("keel.toml"), config)?;
-        let mut daemon = Self { dir, child: None };
-        daemon.restart()?;
-        Ok(daemon)
+        Ok(Self { dir, child: None })
     }
 
     /// The node's directory.

@@ -5,8 +5,11 @@
 pub mod cluster;
 pub mod cmd;
 pub mod daemon;
+pub mod garage;
 pub mod mount;
 pub mod nbd_client;
 pub mod netns;
+pub mod prefix;
 pub mod proxy;
+pub mod vault_conformance;
 pub mod workload;

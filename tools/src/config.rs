@@ -35,6 +35,9 @@ pub struct NodeConfig {
     /// Synchronous replication to a standby (volumes with a `peer` are replicated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationConfig>,
+    /// Snapshots: repository, key, schedule, retention and vaults (docs/snapshots.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<crate::snapshot::SnapshotsConfig>,
 }
 
 /// A node's replication settings.

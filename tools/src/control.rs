@@ -56,6 +56,9 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// catch up and for the role-change hooks (each bounded by its own timeout).
 pub const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How long `keel snapshot create` waits for the daemon (a full read of a large volume).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
 /// How often `keel events --follow` asks for new events.
 pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -87,6 +90,15 @@ pub enum ControlRequest {
     Events {
         /// The last `seq` the caller has seen (0 for all).
         since: u64,
+    },
+    /// Take a snapshot of `volume` into the node's repository now, then copy it to the
+    /// vaults and apply retention.
+    Snapshot {
+        /// The volume.
+        volume: String,
+        /// The journal marker's name (default: `manual`).
+        #[serde(default)]
+        marker: Option<String>,
     },
 }
 
@@ -656,6 +668,9 @@ mod tests {
                         ControlResponse::Done { message: format!("switched {volume} over"), details: Value::Null }
                     }
                     ControlRequest::Events { since } => ControlResponse::Events { events: self.events.since(since) },
+                    ControlRequest::Snapshot { volume, .. } => {
+                        ControlResponse::Refused { message: format!("{volume}: snapshots are off") }
+                    }
                 }
             })
         }

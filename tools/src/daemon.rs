@@ -128,6 +128,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
             events: Arc::clone(&events),
             node: config.node_name.clone(),
             nbd_socket: config.nbd_socket.clone(),
+            snapshots: snapshot_runner(config, &events),
         });
         serve(config, exports, replication, control).await
     });
@@ -146,6 +147,24 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     served
 }
 
+/// The snapshot runner, when the node has a tenant key (`keel snapshot key-init`).
+fn snapshot_runner(
+    config: &NodeConfig,
+    events: &Arc<keel_net::events::EventLog>,
+) -> Option<Arc<crate::snapshot::Runner>> {
+    if !crate::snapshot::key_path(config).exists() {
+        tracing::info!("snapshots are off: no tenant key at {}", crate::snapshot::key_path(config).display());
+        return None;
+    }
+    match crate::snapshot::Repo::open(config) {
+        Ok(repo) => Some(Arc::new(crate::snapshot::Runner::new(Arc::new(repo), Arc::clone(events)))),
+        Err(e) => {
+            tracing::error!("snapshots are off: {e:#}");
+            None
+        }
+    }
+}
+
 async fn serve(
     config: &NodeConfig,
     exports: Vec<Arc<dyn Export>>,
@@ -155,6 +174,12 @@ async fn serve(
     let server = NbdServer::new(exports)?;
     let shutdown = CancellationToken::new();
     let control_socket = config.data_dir.join("control.sock");
+    let schedule_task = control.snapshots.clone().map(|runner| {
+        let control = Arc::clone(&control);
+        let volumes: Arc<dyn Fn() -> Vec<crate::snapshot::ScheduledJob> + Send + Sync> =
+            Arc::new(move || control.snapshot_volumes());
+        tokio::spawn(runner.run_schedule(volumes, shutdown.clone()))
+    });
     let control_task = {
         let (path, shutdown) = (control_socket.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -188,6 +213,9 @@ async fn serve(
         let _ = task.await;
     }
     let _ = control_task.await;
+    if let Some(task) = schedule_task {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&config.nbd_socket);
     let _ = std::fs::remove_file(&control_socket);
     Ok(())

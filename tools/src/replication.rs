@@ -21,6 +21,7 @@ use keel_net::CancellationToken;
 use crate::config::{nbd_unix_uri, NodeConfig, VolumeConfig};
 use crate::control::{ControlHandler, ControlRequest, ControlResponse};
 use crate::daemon::absolute;
+use crate::snapshot::{ScheduledJob, TakeOn};
 
 /// Default hook timeout.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -198,6 +199,67 @@ pub struct Control {
     pub node: String,
     /// NBD socket (for URIs).
     pub nbd_socket: std::path::PathBuf,
+    /// The snapshot runner, when a tenant key is configured.
+    pub snapshots: Option<Arc<crate::snapshot::Runner>>,
+}
+
+impl Control {
+    /// What the snapshot scheduler does with each volume now: unreplicated ones are taken
+    /// here; replicated ones as `[snapshots] take_on` and the pair's state say
+    /// ([`ScheduledJob::for_replicated`]).
+    pub fn snapshot_volumes(&self) -> Vec<ScheduledJob> {
+        let take_on = self.snapshots.as_ref().map_or_else(TakeOn::default, |runner| runner.repo.take_on);
+        let mut out: Vec<ScheduledJob> = self.single.iter().cloned().map(ScheduledJob::Local).collect();
+        if let Some(ctx) = &self.ctx {
+            out.extend(ctx.volumes.values().filter_map(|rv| ScheduledJob::for_replicated(rv, take_on)));
+        }
+        out
+    }
+
+    /// `keel snapshot create`: on this node, whatever its role. A replicated volume's
+    /// standby takes it from its own copy when it is consistent and connected (else it
+    /// refuses and says to use the primary).
+    async fn snapshot(&self, volume: String, marker: Option<String>) -> ControlResponse {
+        let Some(runner) = self.snapshots.clone() else {
+            return ControlResponse::Refused {
+                message: "snapshots are not set up on this node: no tenant key (`keel snapshot key-init`)".into(),
+            };
+        };
+        let replicated = self.ctx.as_ref().and_then(|c| c.volumes.get(&volume)).cloned();
+        let taken = match replicated {
+            Some(rv) if rv.role() == Role::Standby => {
+                if let Err(message) = rv.standby_snapshot_ready() {
+                    return ControlResponse::Refused { message };
+                }
+                // Unique, so that no other marker can be mistaken for this one.
+                let marker = marker.unwrap_or_else(|| {
+                    let ms =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+                    format!("manual-{}-{ms}", self.node)
+                });
+                tokio::task::spawn_blocking(move || runner.snapshot_standby(&rv, &marker)).await
+            }
+            Some(rv) => {
+                let marker = marker.unwrap_or_else(|| "manual".into());
+                tokio::task::spawn_blocking(move || runner.snapshot_primary(&rv, &marker)).await
+            }
+            None => {
+                let Some(target) = self.single.iter().find(|v| v.name() == volume).cloned() else {
+                    return ControlResponse::Refused { message: format!("no volume {volume} on this node") };
+                };
+                let marker = marker.unwrap_or_else(|| "manual".into());
+                tokio::task::spawn_blocking(move || runner.snapshot_now(&target, &marker)).await
+            }
+        };
+        match taken {
+            Ok(Ok(details)) => ControlResponse::Done {
+                message: format!("snapshot {} of {volume} taken", details["snapshot"].as_str().unwrap_or("?")),
+                details,
+            },
+            Ok(Err(e)) => ControlResponse::Error { message: format!("snapshot of {volume} failed: {e:#}") },
+            Err(e) => ControlResponse::Error { message: format!("snapshot of {volume} failed: {e}") },
+        }
+    }
 }
 
 impl Control {
@@ -238,6 +300,7 @@ impl ControlHandler for Control {
                         Err(message) => ControlResponse::Refused { message },
                     },
                 },
+                ControlRequest::Snapshot { volume, marker } => self.snapshot(volume, marker).await,
                 ControlRequest::Switchover { volume } => match &self.ctx {
                     None => ControlResponse::Refused { message: "this node replicates nothing".into() },
                     Some(ctx) => match node::switchover(ctx, &volume).await {

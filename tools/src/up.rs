@@ -68,6 +68,10 @@ pub struct VolumeState {
 const NODES: [&str; 2] = ["node-a", "node-b"];
 /// The witness's name.
 const WITNESS: &str = "witness";
+/// The vault server's name (the snapshots' off-site copy, on loopback here).
+const VAULT: &str = "vault";
+/// The tenant the demo volume belongs to.
+const TENANT: &str = "demo";
 /// The demo volume.
 const DEMO: &str = "demo";
 const DEMO_SIZE: u64 = 1 << 30;
@@ -84,7 +88,7 @@ fn ensure_certs(ca: &Path) -> Result<()> {
     if !ca.join("ca.pem").exists() {
         quic::create_ca(ca, "keel-up", 10 * year)?;
     }
-    for name in [WITNESS, NODES[0], NODES[1]] {
+    for name in [WITNESS, VAULT, NODES[0], NODES[1]] {
         if !ca.join(format!("{name}.pem")).exists() {
             quic::issue_cert(ca, name, ca, 2 * year)?;
         }
@@ -98,7 +102,7 @@ pub fn run(dir: &Path) -> Result<()> {
     let ca = dir.join("ca");
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     ensure_certs(&ca)?;
-    let addrs = [free_udp_addr()?, free_udp_addr()?, free_udp_addr()?];
+    let addrs = [free_udp_addr()?, free_udp_addr()?, free_udp_addr()?, free_udp_addr()?];
     let tls = |name: &str| TlsFiles::in_dir(&ca, name);
     let witness_dir = dir.join(WITNESS);
     std::fs::create_dir_all(&witness_dir)?;
@@ -117,6 +121,53 @@ pub fn run(dir: &Path) -> Result<()> {
     let mut procs: Vec<Proc> = Vec::new();
     let witness_log = witness_dir.join("keel.log");
     procs.push(Proc::spawn(WITNESS, "witness", &witness_config_path, &witness_log, None)?);
+    // Snapshots: one tenant key shared by both nodes, a `keel vault` server and a
+    // directory vault, so that every snapshot has its two copies.
+    let key_file = dir.join("tenant.key");
+    if !key_file.exists() {
+        keel_snapshot::keyfile::create_key_file(&key_file, None)?;
+    }
+    let vault_dir = dir.join(VAULT);
+    std::fs::create_dir_all(&vault_dir)?;
+    let vault_config_path = vault_dir.join("vault.toml");
+    let vault_config = crate::vault::VaultConfig {
+        listen: addrs[3],
+        data_dir: vault_dir.join("data"),
+        ca_cert: tls(VAULT).ca_cert,
+        cert: tls(VAULT).cert,
+        key: tls(VAULT).key,
+        tenants: vec![crate::vault::TenantConfig {
+            name: TENANT.into(),
+            nodes: NODES.iter().map(|n| n.to_string()).collect(),
+        }],
+    };
+    std::fs::write(&vault_config_path, toml::to_string_pretty(&vault_config)?)?;
+    procs.push(Proc::spawn(VAULT, "vault", &vault_config_path, &vault_dir.join("keel.log"), None)?);
+    let snapshots = crate::snapshot::SnapshotsConfig {
+        repo: None,
+        tenant: TENANT.into(),
+        key_file: Some(key_file.clone()),
+        passphrase_file: None,
+        chunk_size: crate::snapshot::DEFAULT_CHUNK_SIZE.into(),
+        zstd_level: 3,
+        threads: None,
+        schedule: Some("every 15m".into()),
+        timezone: None,
+        retention: Some(crate::snapshot::RetentionTable { keep_within: Some("2d".into()), ..Default::default() }),
+        min_copies: 2,
+        take_on: Default::default(),
+        vaults: vec![
+            crate::snapshot::VaultConfig::Keel {
+                name: VAULT.into(),
+                address: addrs[3],
+                server: VAULT.into(),
+                ca_cert: None,
+                cert: None,
+                key: None,
+            },
+            crate::snapshot::VaultConfig::Dir { name: "dc3".into(), path: dir.join("vault-dc3") },
+        ],
+    };
     for (i, name) in NODES.iter().enumerate() {
         let other = 1 - i;
         let node_dir = dir.join(name);
@@ -145,6 +196,7 @@ pub fn run(dir: &Path) -> Result<()> {
                 peers: vec![PeerAddress { name: NODES[other].into(), address: addrs[1 + other] }],
                 timing: TimingConfig::default(),
             }),
+            snapshots: Some(snapshots.clone()),
         };
         config.save(&config_path)?;
         let log = node_dir.join("keel.log");
@@ -161,7 +213,7 @@ pub fn run(dir: &Path) -> Result<()> {
     let up_json = dir.join("up.json");
     write_state(&dir, &up_json, &procs, primary)?;
     let uri = procs[primary].nbd_uri();
-    println!("Keel is up: a replicated pair and a witness, each its own process on loopback.");
+    println!("Keel is up: a replicated pair, a witness and a snapshot vault, each its own process on loopback.");
     println!();
     for p in &procs {
         println!(
@@ -184,6 +236,10 @@ pub fn run(dir: &Path) -> Result<()> {
         procs[primary].config.display()
     );
     println!("  kill -9 {}   # the standby takes over by itself within seconds", procs[primary].child.id());
+    println!("Snapshots (every 15 minutes, copied to the vault and to {}):", dir.join("vault-dc3").display());
+    println!("  keel snapshot create {DEMO} --config {}", procs[primary].config.display());
+    println!("  keel snapshot list --config {}", procs[primary].config.display());
+    println!("  keel snapshot export ID -o demo.raw.zst --config {}", procs[primary].config.display());
     println!("Mount it (this kernel has no nbd module: FUSE + loop):");
     println!("  mkdir -p /tmp/demo && nbdfuse /tmp/demo/vol '{uri}' &");
     println!("  dev=$(losetup --direct-io=on -f --show /tmp/demo/vol) && mkfs.ext4 -q $dev && mount $dev /mnt");
@@ -217,6 +273,8 @@ impl Proc {
     fn role_label(&self, primary: usize, procs: &[Proc]) -> &'static str {
         if self.kind == "witness" {
             "witness"
+        } else if self.kind == "vault" {
+            "vault"
         } else if std::ptr::eq(self, &procs[primary]) {
             "primary"
         } else {

@@ -11,7 +11,7 @@ mod record;
 mod segment;
 mod superblock;
 
-pub use changemap::{ChangeMapHeader, CHANGEMAP_HEADER_LEN};
+pub use changemap::{ChangeLayerHeader, ChangeMapHeader, CHANGEMAP_HEADER_LEN, CHANGE_LAYER_HEADER_LEN};
 pub use record::{RecordHeader, RecordKind, FLAG_MAY_PUNCH, RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_MAGIC};
 pub use segment::{SegmentHeader, SlotState, SEGMENT_HEADER_COPY_LEN, SEGMENT_HEADER_LEN};
 pub use superblock::{Superblock, NAME_MAX_BYTES, SUPERBLOCK_LEN};

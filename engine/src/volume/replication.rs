@@ -87,8 +87,9 @@ impl Volume {
         inner.check_range(offset, data.len() as u64)?;
         inner.check_writable()?;
         inner.resync(&format!("write {} resync bytes at {offset}", data.len()), || {
+            inner.frozen.before_mutation(offset, data.len() as u64);
             inner.store.write(offset, data)?;
-            inner.changemap.mark(offset, data.len() as u64, inner.changemap.region_bytes());
+            inner.changemap.mark(offset, data.len() as u64);
             Ok(())
         })
     }
@@ -101,8 +102,9 @@ impl Volume {
         inner.check_range(offset, len)?;
         inner.check_writable()?;
         inner.resync(&format!("zero {len} resync bytes at {offset}"), || {
+            inner.frozen.before_mutation(offset, len);
             inner.store.zero(offset, len, true)?;
-            inner.changemap.mark(offset, len, inner.changemap.region_bytes());
+            inner.changemap.mark(offset, len);
             Ok(())
         })
     }
@@ -139,9 +141,17 @@ impl Volume {
     /// single commit point: before it the volume reopens as it was (recovery never walks
     /// into the fresh segment, whose first seq does not follow the old journal's last);
     /// after it, rewound.
+    ///
+    /// Frozen views of markers after `to_seq` end (their reads fail), and pending
+    /// [`Volume::freeze_at_marker`] waits fail. The change map forgets its cut points after
+    /// `to_seq` (their layers merge into the live bitmap, durably, before the commit), so
+    /// no layer claims to be complete for seqs the new history reuses.
     pub fn rewind(&self, to_seq: u64) -> Result<RewindReport> {
         let inner = &self.inner;
         inner.check_writable()?;
+        // Before anything changes: a rewind never mutates the block store, and a view of
+        // a marker it keeps stays exact.
+        inner.frozen.rewound(to_seq);
         let mut checkpointed_data_seq = inner.checkpoint_lock.lock();
         for _ in 0..REWIND_ATTEMPTS_MAX {
             let forward = to_seq > inner.journal.last_seq();
@@ -160,6 +170,15 @@ impl Volume {
                 position,
                 to_seq,
                 |at| {
+                    // Under the journal lock, so no marker cuts meanwhile; durable before
+                    // the commit (removed layer files included), so a crash never pairs
+                    // the new history with layers of the discarded one.
+                    if inner.changemap.truncate_after(to_seq) {
+                        inner
+                            .changemap
+                            .persist()
+                            .map_err(|e| inner.poison_with(format!("failed to persist the change map: {e}")))?;
+                    }
                     inner.write_superblock(|sb| {
                         sb.checkpoint_seq = to_seq;
                         sb.checkpoint_segment = at.segment_no;

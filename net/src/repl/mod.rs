@@ -5,11 +5,13 @@
 //! Layers, from pure to I/O:
 //! - `arbiter`, `fence`, `witness`, `history`: decisions, no I/O, time injected;
 //! - `wire`, `proto`, `state`: formats (frames, control messages, the persisted state);
-//! - `volume`, `primary`, `standby`, `resync`, `node`, `witness_net`: the tokio drivers.
+//! - `volume`, `primary`, `standby`, `resync`, `marker`, `node`, `witness_net`: the tokio
+//!   drivers (`marker`: snapshot markers the standby asks the primary for).
 
 pub mod arbiter;
 pub mod fence;
 pub mod history;
+mod marker;
 pub mod node;
 mod primary;
 pub mod proto;

@@ -15,12 +15,13 @@ use parking_lot::Mutex;
 use super::arbiter::{ArbiterRecord, ArbiterRequest, ArbiterResponse, StandbyState};
 use super::fence::PrimaryFence;
 use super::history::{compare, Divergence, History};
+use super::marker::MarkServer;
 use super::node::{call_arbiter, read_json, write_json, NodeCtx};
 use super::proto::{Control, Hello, HelloReply, StreamKind, Verdict};
 use super::resync;
 use super::state::Role;
 use super::volume::{PrimarySink, ReplVolume, RoleChange, ShipQueue, Shipment};
-use super::wire::{encode_json, read_frame, AckMsg, FrameType, ProbeMsg, MAX_FRAME_PAYLOAD};
+use super::wire::{encode_json, read_frame, AckMsg, FrameType, MarkRequestMsg, ProbeMsg, MAX_FRAME_PAYLOAD};
 
 /// Why the primary loop ended.
 #[derive(Debug)]
@@ -51,6 +52,7 @@ pub(crate) async fn run(rv: &Arc<ReplVolume>, ctx: &Arc<NodeCtx>) -> PrimaryEnd 
     }
     rv.emit("role", json!({"role": "primary", "epoch": epoch}));
     rv.dirty.reset();
+    rv.marker_claims.reset();
     stop_shipping(rv);
     // Learn the witness's record before any session: the fence built from it knows the
     // lease and whether the standby is Outdated.
@@ -287,6 +289,7 @@ async fn session(rv: &Arc<ReplVolume>, ctx: &Arc<NodeCtx>) -> Result<(), String>
         last_seq: my_last,
         history: history.clone(),
         size: rv.volume.size(),
+        features: super::proto::features(),
     };
     write_json(&mut send, FrameType::Hello, &hello).await?;
     let reply: HelloReply = read_json(&mut recv, FrameType::HelloReply).await?;
@@ -346,6 +349,7 @@ async fn session(rv: &Arc<ReplVolume>, ctx: &Arc<NodeCtx>) -> Result<(), String>
     {
         let mut shared = rv.shared.lock();
         shared.peer_connected = true;
+        shared.peer_features = reply.features.clone();
         shared.acked_seq = reply.durable_seq.min(stream_from - 1);
         let fence = shared.primary.as_mut().ok_or("no longer primary")?;
         fence.handle_standby_connected(Instant::now());
@@ -373,7 +377,7 @@ async fn session(rv: &Arc<ReplVolume>, ctx: &Arc<NodeCtx>) -> Result<(), String>
     let probes = Mutex::new(VecDeque::new());
     tokio::select! {
         r = send_loop(&queue, &mut send, epoch, &probes, rv.config.timing.heartbeat_interval) => r,
-        r = ack_loop(rv, &mut recv, epoch, &probes) => r,
+        r = ack_loop(rv, &queue, &mut recv, epoch, &probes) => r,
         r = resync => r,
     }
 }
@@ -409,6 +413,7 @@ async fn send_loop(
                         Shipment::Control(control) => chunks.push(
                             encode_json(FrameType::Control, &control).map_err(|e| format!("encode {control:?}: {e}"))?,
                         ),
+                        Shipment::MarkReply(reply) => chunks.push(reply.encode()),
                     }
                 }
                 send.write_all_chunks(&mut chunks).await.map_err(|e| format!("send to the standby: {e}"))?;
@@ -430,13 +435,29 @@ async fn send_loop(
 }
 
 /// Reads the standby's acknowledgements and feeds them (and the probe echoes) to the
-/// fencing machine.
-async fn ack_loop(rv: &ReplVolume, recv: &mut quinn::RecvStream, epoch: u64, probes: &Probes) -> Result<(), String> {
+/// fencing machine; hands its snapshot marker requests to the marker server. Any other
+/// frame, or a malformed one, ends the session.
+async fn ack_loop(
+    rv: &Arc<ReplVolume>,
+    queue: &Arc<ShipQueue>,
+    recv: &mut quinn::RecvStream,
+    epoch: u64,
+    probes: &Probes,
+) -> Result<(), String> {
+    let marks = MarkServer::new();
     loop {
         let frame = read_frame(recv, MAX_FRAME_PAYLOAD)
             .await
             .map_err(|e| format!("read from the standby: {e}"))?
             .ok_or("the standby closed the journal stream")?;
+        if frame.ty == FrameType::MarkRequest {
+            let request = MarkRequestMsg::decode(&frame).map_err(|e| format!("bad frame from the standby: {e}"))?;
+            if request.epoch != epoch {
+                return Err(format!("marker request for epoch {} in a session of epoch {epoch}", request.epoch));
+            }
+            marks.handle(rv, queue, epoch, request);
+            continue;
+        }
         let ack = AckMsg::decode(&frame).map_err(|e| format!("bad frame from the standby: {e}"))?;
         if ack.epoch != epoch {
             return Err(format!("ack for epoch {} in a session of epoch {epoch}", ack.epoch));

@@ -12,6 +12,16 @@ pub const ALPN_REPL: &[u8] = b"keel-repl/1";
 /// ALPN of node-to-witness connections.
 pub const ALPN_WITNESS: &[u8] = b"keel-witness/1";
 
+/// Feature a node lists in its `Hello` / `HelloReply` when it speaks the snapshot-marker
+/// frames (`MarkRequest`, `MarkReply`): a standby sends a `MarkRequest` only to a primary
+/// that listed it, and a primary defers scheduled snapshots only to a standby that did.
+pub const FEATURE_SNAPSHOT_MARKER: &str = "snapshot-marker";
+
+/// The features this build speaks (see [`FEATURE_SNAPSHOT_MARKER`]).
+pub fn features() -> Vec<String> {
+    vec![FEATURE_SNAPSHOT_MARKER.to_string()]
+}
+
 /// What a stream opened by the primary carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,6 +49,9 @@ pub struct Hello {
     pub history: Vec<EpochStart>,
     /// Volume size in bytes (both copies must match).
     pub size: u64,
+    /// Optional protocol features the sender speaks (absent from older senders).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// The receiver's verdict on a [`Hello`].
@@ -72,6 +85,9 @@ pub struct HelloReply {
     pub history: Vec<EpochStart>,
     /// Whether the receiver's copy is consistent (no resync pending).
     pub consistent: bool,
+    /// Optional protocol features the receiver speaks (absent from older receivers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// Control messages after the handshake.

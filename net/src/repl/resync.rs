@@ -228,6 +228,7 @@ pub(crate) async fn send(
         last_seq: rv.volume.last_seq(),
         history: rv.shared.lock().state.history.clone(),
         size: rv.volume.size(),
+        features: Vec::new(),
     };
     write_json(&mut send, FrameType::Hello, &hello).await?;
     let reply: HelloReply = read_json(&mut recv, FrameType::HelloReply).await?;

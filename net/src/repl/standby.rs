@@ -14,12 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::fence::StandbyFence;
 use super::history::EpochStart;
+use super::marker::MarkClient;
 use super::node::{call_arbiter, read_json, write_json, NodeCtx};
 use super::proto::{Control, Hello, HelloReply, StreamKind, Verdict};
 use super::resync::{self, ResyncGuard};
 use super::state::Role;
 use super::volume::{ReplVolume, RoleChange};
-use super::wire::{read_frame, AckMsg, FrameType, ProbeMsg, RecordMsg, SyncRequestMsg, MAX_FRAME_PAYLOAD};
+use super::wire::{
+    read_frame, AckMsg, FrameType, MarkReplyMsg, MarkRequestMsg, ProbeMsg, RecordMsg, SyncRequestMsg, MAX_FRAME_PAYLOAD,
+};
 
 /// Records buffered between the stream reader and the applier thread.
 const APPLY_QUEUE: usize = 256;
@@ -32,6 +35,8 @@ pub(crate) struct StandbySession {
     pub(crate) cancel: CancellationToken,
     pub(crate) guard: Option<Arc<ResyncGuard>>,
     pub(crate) epoch: u64,
+    /// The session's snapshot marker requests (see `marker`).
+    pub(crate) marks: Option<Arc<MarkClient>>,
 }
 
 /// Why the standby loop ended.
@@ -267,6 +272,7 @@ pub(crate) async fn serve_stream(
         durable_seq: rv.volume.durable_seq(),
         history,
         consistent,
+        features: super::proto::features(),
     };
     write_json(&mut send, FrameType::HelloReply, &reply).await?;
     if verdict != Verdict::Accept {
@@ -277,7 +283,10 @@ pub(crate) async fn serve_stream(
         return Err(format!("refused {:?} stream from {peer}: {verdict:?}", hello.stream));
     }
     match hello.stream {
-        StreamKind::Journal => journal(&rv, &peer, send, recv).await,
+        StreamKind::Journal => {
+            let markers = hello.features.iter().any(|f| f == super::proto::FEATURE_SNAPSHOT_MARKER);
+            journal(&rv, &peer, markers, send, recv).await
+        }
         StreamKind::Resync => {
             let (guard, session_epoch) = {
                 let session = rv.standby_session.lock();
@@ -304,6 +313,7 @@ enum Inbound {
 async fn journal(
     rv: &Arc<ReplVolume>,
     peer: &str,
+    markers: bool,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), String> {
@@ -318,9 +328,13 @@ async fn journal(
     }
     // One journal session at a time: a new one replaces the old.
     let cancel = CancellationToken::new();
-    if let Some(old) = rv.standby_session.lock().replace(StandbySession { cancel: cancel.clone(), guard: None, epoch })
-    {
+    let (marks, mark_requests) = MarkClient::new(epoch, markers);
+    let session = StandbySession { cancel: cancel.clone(), guard: None, epoch, marks: Some(Arc::clone(&marks)) };
+    if let Some(old) = rv.standby_session.lock().replace(session) {
         old.cancel.cancel();
+        if let Some(marks) = old.marks {
+            marks.close();
+        }
         if let Some(guard) = old.guard {
             guard.close();
         }
@@ -374,7 +388,9 @@ async fn journal(
     }
     rv.emit("peer", json!({"connected": true, "primary": peer, "epoch": epoch, "stream_from": stream_from}));
     rv.notify();
-    let result = apply_stream(rv, epoch, guard.clone(), &cancel, &mut send, &mut recv).await;
+    let result = apply_stream(rv, epoch, guard.clone(), &cancel, &marks, mark_requests, &mut send, &mut recv).await;
+    // Requests waiting on this session fail now, not at their timeout.
+    marks.close();
     if let Some(guard) = guard {
         guard.close();
     }
@@ -424,12 +440,16 @@ async fn prepare_resync(rv: &Arc<ReplVolume>, from: u64, stream_from: u64) -> Re
     Ok((discarded, report.journal_bytes_found))
 }
 
-/// Reads frames into the applier thread and writes its acknowledgements back.
+/// Reads frames into the applier thread and writes its acknowledgements (and the snapshot
+/// marker requests of `marks`) back.
+#[expect(clippy::too_many_arguments, reason = "one session's parts, passed once from `journal`")]
 async fn apply_stream(
     rv: &Arc<ReplVolume>,
     epoch: u64,
     guard: Option<Arc<ResyncGuard>>,
     cancel: &CancellationToken,
+    marks: &MarkClient,
+    mut mark_requests: mpsc::Receiver<MarkRequestMsg>,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(), String> {
@@ -480,6 +500,12 @@ async fn apply_stream(
                     let _ = probe_acks.try_send(ack);
                     continue;
                 }
+                FrameType::MarkReply => {
+                    // Behind the marker's record, which is in the applier's queue already.
+                    let reply = MarkReplyMsg::decode(&frame).map_err(|e| format!("bad marker reply: {e}"))?;
+                    marks.resolve(reply)?;
+                    continue;
+                }
                 FrameType::Control => match super::wire::decode_json::<Control>(&frame) {
                     // Every record before it is in the applier's queue; it finishes them below.
                     Ok(Control::Handover { epoch: new_epoch }) if new_epoch > epoch => return Ok(new_epoch),
@@ -494,14 +520,22 @@ async fn apply_stream(
         }
     };
     let writer = async {
-        while let Some(mut ack) = ack_rx.recv().await {
-            ack.probe = ack.probe.max(latest_probe.load(Ordering::Relaxed));
-            // The fence holds acks back while a promotion request of ours may be granted.
-            let allowed = rv.shared.lock().standby.as_mut().is_some_and(|f| f.try_ack(Instant::now()));
-            if !allowed {
-                continue;
+        loop {
+            tokio::select! {
+                ack = ack_rx.recv() => {
+                    let Some(mut ack) = ack else { break };
+                    ack.probe = ack.probe.max(latest_probe.load(Ordering::Relaxed));
+                    // The fence holds acks back while a promotion request of ours may be granted.
+                    let allowed = rv.shared.lock().standby.as_mut().is_some_and(|f| f.try_ack(Instant::now()));
+                    if !allowed {
+                        continue;
+                    }
+                    send.write_all(&ack.encode()).await.map_err(|e| format!("send ack: {e}"))?;
+                }
+                Some(request) = mark_requests.recv() => {
+                    send.write_all(&request.encode()).await.map_err(|e| format!("send a marker request: {e}"))?;
+                }
             }
-            send.write_all(&ack.encode()).await.map_err(|e| format!("send ack: {e}"))?;
         }
         Err::<(), String>("the applier stopped".into())
     };

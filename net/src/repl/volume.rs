@@ -27,7 +27,7 @@ use serde_json::json;
 use super::arbiter::{ArbiterRecord, StandbyState};
 use super::fence::{FlushDecision, PrimaryFence, StandbyFence, Timing};
 use super::state::{ReplState, Role};
-use super::wire::{RecordMsg, SyncRequestMsg};
+use super::wire::{MarkReplyMsg, RecordMsg, SyncRequestMsg};
 use crate::events::EventLog;
 
 /// How writes reach the standby.
@@ -95,6 +95,9 @@ pub(crate) struct Shared {
     /// Standby: promote to this epoch, for this reason (a handover from the primary, or
     /// an operator's `keel promote`).
     pub(crate) promote_to: Option<(u64, String)>,
+    /// Primary: the optional features the standby listed in its `HelloReply` (current or
+    /// last session).
+    pub(crate) peer_features: Vec<String>,
 }
 
 impl Shared {
@@ -158,6 +161,8 @@ pub struct ReplVolume {
     pub(crate) dirty: Arc<PeerDirty>,
     /// The standby's current journal session.
     pub(crate) standby_session: Mutex<Option<super::standby::StandbySession>>,
+    /// Primary: snapshot marker names taken in this term, and by whom.
+    pub(crate) marker_claims: super::marker::MarkerClaims,
 }
 
 impl std::fmt::Debug for ReplVolume {
@@ -186,12 +191,14 @@ impl ReplVolume {
                 paused: false,
                 handover_requested: false,
                 promote_to: None,
+                peer_features: Vec::new(),
             }),
             changed: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             queue: Mutex::new(None),
             dirty: Arc::new(PeerDirty::default()),
             standby_session: Mutex::new(None),
+            marker_claims: super::marker::MarkerClaims::default(),
         })
     }
 
@@ -429,6 +436,7 @@ pub(crate) enum Shipment {
     Record(RecordMsg),
     Sync(SyncRequestMsg),
     Control(super::proto::Control),
+    MarkReply(MarkReplyMsg),
 }
 
 #[derive(Debug)]
@@ -482,6 +490,18 @@ impl ShipQueue {
         self.ready.notify_one();
     }
 
+    /// Queues the answer to a standby's marker request, behind every record appended so
+    /// far (the marker's among them).
+    pub(crate) fn push_mark_reply(&self, reply: MarkReplyMsg) {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return;
+        }
+        inner.items.push_back(Shipment::MarkReply(reply));
+        drop(inner);
+        self.ready.notify_one();
+    }
+
     /// Takes up to `max_items` queued items; waits while the queue is empty. `None` once
     /// closed.
     pub(crate) async fn pop_batch(&self, max_items: usize) -> Option<Vec<Shipment>> {
@@ -525,7 +545,7 @@ impl ShipQueue {
 fn shipment_bytes(item: &Shipment) -> usize {
     match item {
         Shipment::Record(r) => r.payload.len() + 64,
-        Shipment::Sync(_) | Shipment::Control(_) => 0,
+        Shipment::Sync(_) | Shipment::Control(_) | Shipment::MarkReply(_) => 0,
     }
 }
 

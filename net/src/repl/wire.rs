@@ -54,6 +54,18 @@ const SYNC_REQUEST_LEN: usize = 2 * size_of::<u64>();
 const ACK_LEN: usize = 4 * size_of::<u64>();
 const PROBE_LEN: usize = 2 * size_of::<u64>();
 const RESYNC_END_LEN: usize = 2 * size_of::<u64>();
+/// Fixed part of a [`MarkRequestMsg`] payload: epoch, id; the marker's name follows.
+const MARK_REQUEST_FIXED_LEN: usize = 2 * size_of::<u64>();
+/// Fixed part of a [`MarkReplyMsg`] payload: epoch, id, seq, status, pad; the refusal's
+/// reason follows.
+const MARK_REPLY_FIXED_LEN: usize = 3 * size_of::<u64>() + size_of::<u8>() + MARK_REPLY_PAD_LEN;
+const MARK_REPLY_PAD_LEN: usize = 7;
+const _: () = assert!(MARK_REQUEST_FIXED_LEN == 16);
+const _: () = assert!(MARK_REPLY_FIXED_LEN == 32);
+/// Longest snapshot marker name a [`MarkRequestMsg`] carries: the engine's limit.
+pub const MARKER_NAME_MAX_BYTES: usize = keel_engine::SNAPSHOT_NAME_MAX_BYTES;
+/// Longest refusal reason a [`MarkReplyMsg`] carries; longer ones are cut by the sender.
+pub const MARK_REASON_MAX_BYTES: usize = 1024;
 /// Largest data payload of a record or a resync block.
 pub const MAX_DATA_LEN: usize = MAX_FRAME_PAYLOAD - RECORD_FIXED_LEN;
 const _: () = assert!(RECORD_FIXED_LEN == RESYNC_DATA_FIXED_LEN);
@@ -107,6 +119,10 @@ pub enum FrameType {
     ResyncEnd = 0x05,
     /// A heartbeat the standby echoes in its acks ([`ProbeMsg`]).
     Probe = 0x06,
+    /// Standby → primary: append a snapshot marker ([`MarkRequestMsg`]).
+    MarkRequest = 0x07,
+    /// Primary → standby: the marker's seq, or why not ([`MarkReplyMsg`]).
+    MarkReply = 0x08,
     /// JSON: first frame on a stream.
     Hello = 0x10,
     /// JSON: the answer to a `Hello`.
@@ -123,13 +139,15 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, for tests and tools.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::Record,
         Self::SyncRequest,
         Self::Ack,
         Self::ResyncData,
         Self::ResyncEnd,
         Self::Probe,
+        Self::MarkRequest,
+        Self::MarkReply,
         Self::Hello,
         Self::HelloReply,
         Self::Control,
@@ -157,6 +175,8 @@ impl FrameType {
             Self::Ack => (ACK_LEN, ACK_LEN),
             Self::ResyncEnd => (RESYNC_END_LEN, RESYNC_END_LEN),
             Self::Probe => (PROBE_LEN, PROBE_LEN),
+            Self::MarkRequest => (MARK_REQUEST_FIXED_LEN + 1, MARK_REQUEST_FIXED_LEN + MARKER_NAME_MAX_BYTES),
+            Self::MarkReply => (MARK_REPLY_FIXED_LEN, MARK_REPLY_FIXED_LEN + MARK_REASON_MAX_BYTES),
             Self::Hello
             | Self::HelloReply
             | Self::Control
@@ -388,6 +408,149 @@ pub struct ResyncEndMsg {
     pub epoch: u64,
     /// The seq the pass brought the standby up to.
     pub upto_seq: u64,
+}
+
+/// Standby → primary on the journal stream's return half: "append a snapshot marker
+/// named `name`" (the standby takes the snapshot at it; docs/replication.md, "Snapshots
+/// on the standby"). Sent only to a primary whose `Hello` lists
+/// [`super::proto::FEATURE_SNAPSHOT_MARKER`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkRequestMsg {
+    /// The session's epoch.
+    pub epoch: u64,
+    /// Chosen by the standby, echoed in the reply.
+    pub id: u64,
+    /// The marker's name: UTF-8, 1 to [`MARKER_NAME_MAX_BYTES`] bytes.
+    pub name: String,
+}
+
+/// What became of a [`MarkRequestMsg`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkOutcome {
+    /// The primary appended the marker (and made it durable) at this seq; the record
+    /// precedes this reply on the journal stream.
+    Appended {
+        /// The marker's seq (never 0).
+        seq: u64,
+    },
+    /// The primary did not append it (not primary, fenced, name already taken, ...).
+    Refused {
+        /// Why, for the operator (at most [`MARK_REASON_MAX_BYTES`] bytes).
+        reason: String,
+    },
+}
+
+/// Primary → standby on the journal stream, in order with the records: the answer to a
+/// [`MarkRequestMsg`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkReplyMsg {
+    /// The session's epoch.
+    pub epoch: u64,
+    /// The request's id.
+    pub id: u64,
+    /// Appended or refused.
+    pub outcome: MarkOutcome,
+}
+
+impl MarkRequestMsg {
+    /// The whole frame.
+    ///
+    /// # Panics
+    /// If the name is empty or longer than [`MARKER_NAME_MAX_BYTES`] (callers check it).
+    pub fn encode(&self) -> Bytes {
+        assert!((1..=MARKER_NAME_MAX_BYTES).contains(&self.name.len()), "marker name of {} bytes", self.name.len());
+        let mut fields = BytesMut::with_capacity(MARK_REQUEST_FIXED_LEN);
+        fields.put_u64_le(self.epoch);
+        fields.put_u64_le(self.id);
+        debug_assert_eq!(fields.len(), MARK_REQUEST_FIXED_LEN);
+        concat([with_header(FrameType::MarkRequest, &fields, self.name.as_bytes()), Bytes::from(self.name.clone())])
+    }
+
+    /// Decodes and checks a [`FrameType::MarkRequest`] frame.
+    pub fn decode(frame: &Frame) -> Result<Self, WireError> {
+        let mut r = Reader::new(frame, FrameType::MarkRequest, "MarkRequest")?;
+        let epoch = r.u64()?;
+        let id = r.u64()?;
+        let name = r.rest();
+        if name.is_empty() || name.len() > MARKER_NAME_MAX_BYTES {
+            let reason = format!("{} bytes, must be 1 to {MARKER_NAME_MAX_BYTES}", name.len());
+            return Err(bad_field(FrameType::MarkRequest, "name", reason));
+        }
+        let name = String::from_utf8(name.to_vec())
+            .map_err(|e| bad_field(FrameType::MarkRequest, "name", format!("not UTF-8: {e}")))?;
+        Ok(Self { epoch, id, name })
+    }
+}
+
+impl MarkReplyMsg {
+    const APPENDED: u8 = 0;
+    const REFUSED: u8 = 1;
+
+    /// The whole frame. A reason longer than [`MARK_REASON_MAX_BYTES`] is cut at a
+    /// character boundary.
+    ///
+    /// # Panics
+    /// If an appended marker has seq 0 (no record has).
+    pub fn encode(&self) -> Bytes {
+        let (seq, status, reason) = match &self.outcome {
+            MarkOutcome::Appended { seq } => {
+                assert_ne!(*seq, 0, "an appended marker has a seq");
+                (*seq, Self::APPENDED, "")
+            }
+            MarkOutcome::Refused { reason } => (0, Self::REFUSED, truncate_utf8(reason, MARK_REASON_MAX_BYTES)),
+        };
+        let mut fields = BytesMut::with_capacity(MARK_REPLY_FIXED_LEN);
+        fields.put_u64_le(self.epoch);
+        fields.put_u64_le(self.id);
+        fields.put_u64_le(seq);
+        fields.put_u8(status);
+        fields.put_bytes(0, MARK_REPLY_PAD_LEN);
+        debug_assert_eq!(fields.len(), MARK_REPLY_FIXED_LEN);
+        let reason = Bytes::copy_from_slice(reason.as_bytes());
+        concat([with_header(FrameType::MarkReply, &fields, &reason), reason])
+    }
+
+    /// Decodes and checks a [`FrameType::MarkReply`] frame.
+    pub fn decode(frame: &Frame) -> Result<Self, WireError> {
+        let mut r = Reader::new(frame, FrameType::MarkReply, "MarkReply")?;
+        let epoch = r.u64()?;
+        let id = r.u64()?;
+        let seq = r.u64()?;
+        let status = r.u8()?;
+        let pad: [u8; MARK_REPLY_PAD_LEN] = r.array()?;
+        let reason = r.rest();
+        let bad = |field, reason: String| Err(bad_field(FrameType::MarkReply, field, reason));
+        if pad != [0; MARK_REPLY_PAD_LEN] {
+            return bad("pad", format!("{pad:02x?}, must be zeros"));
+        }
+        // The header check bounds it too; the decoder does not rely on that.
+        if reason.len() > MARK_REASON_MAX_BYTES {
+            return bad("reason", format!("{} bytes, at most {MARK_REASON_MAX_BYTES}", reason.len()));
+        }
+        let outcome = match status {
+            Self::APPENDED if seq == 0 => return bad("seq", "0 for an appended marker".into()),
+            Self::APPENDED if !reason.is_empty() => {
+                return bad("reason", format!("{} bytes for an appended marker, must be empty", reason.len()))
+            }
+            Self::APPENDED => MarkOutcome::Appended { seq },
+            Self::REFUSED if seq != 0 => return bad("seq", format!("{seq} for a refusal, must be 0")),
+            Self::REFUSED => match String::from_utf8(reason.to_vec()) {
+                Ok(reason) => MarkOutcome::Refused { reason },
+                Err(e) => return bad("reason", format!("not UTF-8: {e}")),
+            },
+            other => return bad("status", format!("{other}, must be 0 (appended) or 1 (refused)")),
+        };
+        Ok(Self { epoch, id, outcome })
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default()
 }
 
 impl RecordMsg {
@@ -715,6 +878,8 @@ fn decode_any(frame: &Frame) {
         FrameType::ResyncData => ResyncDataMsg::decode(frame).ok().map(|m| m.encode()),
         FrameType::ResyncEnd => ResyncEndMsg::decode(frame).ok().map(|m| m.encode()),
         FrameType::Probe => ProbeMsg::decode(frame).ok().map(|m| m.encode()),
+        FrameType::MarkRequest => MarkRequestMsg::decode(frame).ok().map(|m| m.encode()),
+        FrameType::MarkReply => MarkReplyMsg::decode(frame).ok().map(|m| m.encode()),
         _ => decode_json::<serde_json::Value>(frame).ok().map(|_| frame.encode()),
     };
     if let Some(bytes) = reencoded {
@@ -1017,6 +1182,98 @@ mod tests {
         assert!(matches!(block(0, 0, 4, b"abc"), Err(WireError::BadField { field: "payload", .. })));
     }
 
+    #[test]
+    fn mark_frames_match_the_documented_layout() {
+        let request = MarkRequestMsg { epoch: 3, id: 1, name: "nightly".into() };
+        let mut payload = [3u64, 1].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        payload.extend_from_slice(b"nightly");
+        assert_eq!(&request.encode()[..], &hand_frame(0x07, &payload)[..]);
+        assert_eq!(MarkRequestMsg::decode(&decode_one(&request.encode()).unwrap()).unwrap(), request);
+
+        let appended = MarkReplyMsg { epoch: 3, id: 1, outcome: MarkOutcome::Appended { seq: 4242 } };
+        let mut payload = [3u64, 1, 4242].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        payload.extend_from_slice(&[0; 8]);
+        assert_eq!(&appended.encode()[..], &hand_frame(0x08, &payload)[..]);
+        let refused = MarkReplyMsg { epoch: 3, id: 2, outcome: MarkOutcome::Refused { reason: "fenced".into() } };
+        let mut payload = [3u64, 2, 0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        payload.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        payload.extend_from_slice(b"fenced");
+        assert_eq!(&refused.encode()[..], &hand_frame(0x08, &payload)[..]);
+        for reply in [appended, refused] {
+            assert_eq!(MarkReplyMsg::decode(&decode_one(&reply.encode()).unwrap()).unwrap(), reply);
+        }
+    }
+
+    /// The example in docs/format-replication.md, byte for byte.
+    #[test]
+    fn mark_request_example_in_the_format_doc() {
+        let doc = "4b 52 50 4c 01 07 00 00 17 00 00 00 ec e8 83 d3 \
+                   03 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 \
+                   6e 69 67 68 74 6c 79";
+        let bytes: Vec<u8> = doc.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+        let request = MarkRequestMsg { epoch: 3, id: 1, name: "nightly".into() };
+        assert_eq!(&request.encode()[..], &bytes[..]);
+    }
+
+    #[test]
+    fn mark_fields_are_checked() {
+        let request = |name: &[u8]| {
+            let payload = [[3u64, 1].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(), name.to_vec()].concat();
+            MarkRequestMsg::decode(&Frame { ty: FrameType::MarkRequest, payload: payload.into() })
+        };
+        assert!(request(b"s").is_ok());
+        assert!(request(&[b'x'; MARKER_NAME_MAX_BYTES]).is_ok());
+        assert!(matches!(request(b""), Err(WireError::BadField { field: "name", .. })));
+        assert!(matches!(request(&[b'x'; MARKER_NAME_MAX_BYTES + 1]), Err(WireError::BadField { field: "name", .. })));
+        assert!(matches!(request(&[0xff, 0xfe]), Err(WireError::BadField { field: "name", .. })));
+        // The header bounds refuse a name that is too long before anything is read.
+        let mut header = hand_frame(0x07, &[b'x'; MARK_REQUEST_FIXED_LEN + MARKER_NAME_MAX_BYTES + 1]);
+        header.truncate(HEADER_LEN);
+        let e = decode_frame(&header, MAX_FRAME_PAYLOAD).unwrap_err();
+        assert!(matches!(e, WireError::TooLarge { ty: FrameType::MarkRequest, len: 273, max: 272 }), "{e}");
+        let e = decode_frame(&hand_frame(0x07, &[0; MARK_REQUEST_FIXED_LEN]), MAX_FRAME_PAYLOAD).unwrap_err();
+        assert!(matches!(e, WireError::TooShort { ty: FrameType::MarkRequest, len: 16, min: 17 }), "{e}");
+
+        let reply = |seq: u64, status: u8, pad: u8, reason: &[u8]| {
+            let mut payload = [3u64, 1, seq].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+            payload.push(status);
+            payload.extend_from_slice(&[pad; 7]);
+            payload.extend_from_slice(reason);
+            MarkReplyMsg::decode(&Frame { ty: FrameType::MarkReply, payload: payload.into() })
+        };
+        let field = |r: Result<MarkReplyMsg, WireError>| match r {
+            Err(WireError::BadField { field, .. }) => field,
+            other => panic!("expected a bad field, got {other:?}"),
+        };
+        assert!(reply(9, 0, 0, b"").is_ok());
+        assert!(reply(0, 1, 0, b"not primary").is_ok());
+        assert_eq!(field(reply(0, 0, 0, b"")), "seq");
+        assert_eq!(field(reply(9, 0, 0, b"why")), "reason");
+        assert_eq!(field(reply(9, 1, 0, b"why")), "seq");
+        assert_eq!(field(reply(0, 1, 0, &[0xc3])), "reason");
+        assert_eq!(field(reply(9, 2, 0, b"")), "status");
+        assert_eq!(field(reply(9, 0, 1, b"")), "pad");
+        // A long reason is cut at a character boundary, and the result decodes.
+        let long = "é".repeat(MARK_REASON_MAX_BYTES);
+        let cut = MarkReplyMsg { epoch: 1, id: 1, outcome: MarkOutcome::Refused { reason: long } };
+        let decoded = MarkReplyMsg::decode(&decode_one(&cut.encode()).unwrap()).unwrap();
+        let MarkOutcome::Refused { reason } = decoded.outcome else { panic!("refused expected") };
+        assert_eq!(reason.len(), MARK_REASON_MAX_BYTES);
+    }
+
+    /// Found by the `repl_frame` fuzz target (which also feeds payloads that skipped the
+    /// header checks to each decoder): a `MarkReply` whose reason was over the limit
+    /// decoded, because only the header check bounded it, and re-encoded cut short. The
+    /// decoder now checks the length itself.
+    #[test]
+    fn a_mark_reply_reason_over_the_limit_is_refused_by_the_decoder() {
+        let mut payload = [0u64, 1, 0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        payload.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        payload.extend_from_slice(&[b'x'; MARK_REASON_MAX_BYTES + 1]);
+        let decoded = MarkReplyMsg::decode(&Frame { ty: FrameType::MarkReply, payload: payload.into() });
+        assert!(matches!(decoded, Err(WireError::BadField { ty: FrameType::MarkReply, field: "reason", .. })));
+    }
+
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Greeting {
         volume: String,
@@ -1103,6 +1360,22 @@ mod tests {
         )
     }
 
+    fn arb_mark_request() -> impl Strategy<Value = MarkRequestMsg> {
+        (any::<u64>(), any::<u64>(), "[a-z0-9:.é-]{1,64}").prop_map(|(epoch, id, name)| MarkRequestMsg {
+            epoch,
+            id,
+            name,
+        })
+    }
+
+    fn arb_mark_reply() -> impl Strategy<Value = MarkReplyMsg> {
+        let outcome = prop_oneof![
+            (1..u64::MAX).prop_map(|seq| MarkOutcome::Appended { seq }),
+            ".{0,200}".prop_map(|reason| MarkOutcome::Refused { reason }),
+        ];
+        (any::<u64>(), any::<u64>(), outcome).prop_map(|(epoch, id, outcome)| MarkReplyMsg { epoch, id, outcome })
+    }
+
     /// Valid frames of every binary type and one JSON frame.
     fn arb_frame_bytes() -> impl Strategy<Value = Bytes> {
         prop_oneof![
@@ -1114,6 +1387,8 @@ mod tests {
             ),
             (any::<u64>(), any::<u64>()).prop_map(|(epoch, id)| ProbeMsg { epoch, id }.encode()),
             (any::<u64>(), any::<u64>()).prop_map(|(epoch, upto_seq)| ResyncEndMsg { epoch, upto_seq }.encode()),
+            arb_mark_request().prop_map(|m| m.encode()),
+            arb_mark_reply().prop_map(|m| m.encode()),
             ".{0,64}".prop_map(|volume| encode_json(FrameType::Error, &Greeting { volume, epoch: 1 }).unwrap()),
         ]
     }
@@ -1144,7 +1419,13 @@ mod tests {
         }
 
         #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), ty in 0usize..11) {
+        fn mark_messages_round_trip(request in arb_mark_request(), reply in arb_mark_reply()) {
+            prop_assert_eq!(MarkRequestMsg::decode(&decode_one(&request.encode()).unwrap()).unwrap(), request);
+            prop_assert_eq!(MarkReplyMsg::decode(&decode_one(&reply.encode()).unwrap()).unwrap(), reply);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), ty in 0..FrameType::ALL.len()) {
             let _ = decode_frame(&bytes, MAX_FRAME_PAYLOAD);
             decode_any(&Frame { ty: FrameType::ALL[ty], payload: bytes.clone().into() });
             // Random bytes behind a valid header reach the typed decoders too.

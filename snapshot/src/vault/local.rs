@@ -29,20 +29,31 @@ pub struct LocalVault {
 
 impl LocalVault {
     /// Opens (creating if needed) tenant `tenant`'s area under `root`. `tenant` must be a
-    /// single safe path component (see [`keys::check`]).
+    /// single safe path component (see [`keys::check`]). Chunk puts are durable when they
+    /// return.
     pub fn open(name: impl Into<String>, root: impl AsRef<Path>, tenant: &str) -> Result<Self, VaultError> {
-        let name = name.into();
+        Self::open_with(name.into(), root.as_ref(), tenant, false)
+    }
+
+    /// Like [`LocalVault::open`], with chunk puts made durable in batches by
+    /// [`Vault::sync`] ([`LocalChunkStore::open_deferred`]): for the node's repository and
+    /// directory vaults, written by one snapshot or copy at a time.
+    pub fn open_deferred(name: impl Into<String>, root: impl AsRef<Path>, tenant: &str) -> Result<Self, VaultError> {
+        Self::open_with(name.into(), root.as_ref(), tenant, true)
+    }
+
+    fn open_with(name: String, root: &Path, tenant: &str, deferred: bool) -> Result<Self, VaultError> {
         if tenant.contains('/') || keys::check(tenant).is_err() {
             return Err(VaultError::BadKey { vault: name, key: tenant.to_owned(), reason: "not a valid tenant name" });
         }
-        let area = root.as_ref().join(tenant);
+        let area = root.join(tenant);
         fs::create_dir_all(&area).map_err(|source| VaultError::Io {
             vault: name.clone(),
             op: format!("create {}", area.display()),
             source,
         })?;
-        let store = LocalChunkStore::open(&area)
-            .map_err(|source| VaultError::Store { vault: name.clone(), source: Box::new(source) })?;
+        let store = if deferred { LocalChunkStore::open_deferred(&area) } else { LocalChunkStore::open(&area) };
+        let store = store.map_err(|source| VaultError::Store { vault: name.clone(), source: Box::new(source) })?;
         let objects = area.join(OBJECTS_DIR);
         fs::create_dir_all(&objects).map_err(|source| VaultError::Io {
             vault: name.clone(),
@@ -122,6 +133,10 @@ impl Vault for LocalVault {
             PutOutcome::Written => Ok(Put::Written),
             PutOutcome::AlreadyPresent => Ok(Put::AlreadyPresent),
         }
+    }
+
+    fn sync(&self) -> Result<(), VaultError> {
+        self.store.sync().map_err(|e| self.store_err(e))
     }
 
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, VaultError> {

@@ -26,8 +26,14 @@ use crate::error::{ChunkError, StoreError};
 use crate::key::ChunkId;
 
 mod local;
+mod remote;
+mod s3;
 
 pub use local::LocalVault;
+pub use remote::{RemoteVault, RemoteVaultConfig};
+pub use s3::{S3Addressing, S3Config, S3Credentials, S3Vault};
+
+pub mod wire;
 
 /// A chunk as listed by [`Vault::list_chunks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,8 +160,16 @@ pub trait Vault: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
 
     /// Stores an encoded chunk frame under `id` unless it is already there. The frame is
-    /// checked ([`crate::check_frame`]) before it is stored. Durable when this returns.
+    /// checked ([`crate::check_frame`]) before it is stored. Durable, and visible to
+    /// `get_chunk` and listings, once [`Vault::sync`] returned (some backends make it so
+    /// at once); `has_chunk` sees it at once.
     fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<Put, VaultError>;
+
+    /// Makes every chunk put so far durable and visible. Writers call it before they write
+    /// a manifest that references the chunks. A no-op where puts are durable at once.
+    fn sync(&self) -> Result<(), VaultError> {
+        Ok(())
+    }
 
     /// The encoded frame of chunk `id` ([`VaultError::NotFound`] when absent). The caller
     /// decodes it with the tenant key, which also authenticates it.

@@ -31,6 +31,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a vault server: tenants' snapshot chunks and manifests, served to nodes over QUIC.
+    Vault {
+        /// The vault's TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Start a complete local deployment on embedded defaults, in the foreground.
     Up {
         /// Directory for the deployment's state (configs, data, sockets, up.json).
@@ -41,6 +47,11 @@ enum Command {
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
+    },
+    /// Snapshots: create, list, show, diff, restore, export, import, serve, verify, forget, gc.
+    Snapshot {
+        #[command(subcommand)]
+        command: keel_tools::snapshot_cli::SnapshotCommand,
     },
     /// Manage the cluster's TLS certificates: a private CA, one certificate per node.
     Cert {
@@ -132,9 +143,11 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Daemon { config } => daemon::run(&NodeConfig::load(&config)?),
+        Command::Snapshot { command } => keel_tools::snapshot_cli::run(command),
         Command::Up { dir } => up::run(&dir),
         Command::Cert { command } => keel_tools::cert::run(command),
         Command::Witness { config } => keel_tools::witness::run(&keel_tools::config::WitnessConfig::load(&config)?),
+        Command::Vault { config } => keel_tools::vault::run(&keel_tools::vault::VaultConfig::load(&config)?),
         Command::Status { target, json } => keel_tools::control::cli_status(&target, json),
         Command::Promote { volume, force, target, json } => {
             keel_tools::control::cli_promote(&target, &volume, force, json)

@@ -1,0 +1,737 @@
+//! Frozen views: a volume's contents exactly as they were right after a snapshot marker,
+//! readable while writes go on (copy-on-write at the first overwrite of each region).
+//!
+//! # Protocol
+//! 1. **Freeze.** [`Volume::snapshot`] prepares a sparse copy file (`frozen-<id>.cow` in
+//!    the volume directory), then appends the snapshot marker. The marker's apply, under
+//!    the journal lock, cuts the change map and activates the freeze with the marker's
+//!    seq; so no record after the marker is applied before the freeze is active.
+//!    [`Volume::freeze_at_marker`] (a standby) registers a name instead, and the next
+//!    marker of that name activates it the same way.
+//! 2. **Copy before mutating.** Every store mutation after the marker (a record's apply,
+//!    a resync write or zero; all run under the journal lock) first calls
+//!    `FrozenSet::before_mutation`. For each region it touches that is neither copied nor
+//!    released, it takes the region's stripe lock, copies the region's current bytes into
+//!    the copy file at the same offset (an all-zero region is only flagged, nothing is
+//!    written), and sets the region's `copied` bit; only then does the mutation run. Nothing
+//!    is synced: the copy only has to outlive the process, and a crash ends every freeze
+//!    (open deletes leftover copy files; the snapshot is retried with a new marker).
+//! 3. **Read.** [`Frozen::read`] takes each region's stripe lock, reads the copy file if
+//!    the region is copied and the block store otherwise, then checks that the freeze is
+//!    still valid. A writer cannot mutate an uncopied region while the reader holds its
+//!    stripe lock, because its copy needs that lock first.
+//! 4. **Invalidation.** A failed copy (I/O error), a rewind below the marker, closing the
+//!    volume and poisoning it set the freeze's `invalid` flag and then stop its copying. A
+//!    read checks the flag after reading each region, so bytes a writer changed after
+//!    the copying stopped are never returned as frozen. Writes are never failed by a freeze.
+//! 5. **End.** Dropping the [`Frozen`] stops the copying and deletes the copy file;
+//!    [`Frozen::release`] does so for a range the reader is done with.
+//!
+//! The extra cost lands on the first overwrite of each region after the marker: one
+//! region-sized read of the store and one write to the copy file, under the journal lock
+//! (see the measurement in `frozen_tests::first_overwrite_latency`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::blockstore::BlockStore;
+use crate::changemap::{Bitmap, ChangeMap, ChangeSet};
+use crate::error::{Error, Result};
+use crate::format::RecordKind;
+use crate::journal::NewRecord;
+use crate::storage::{Env, Extent, OpenMode, Storage};
+
+use super::Volume;
+
+/// Most freezes a volume holds at once: live views, snapshots being taken and markers
+/// waited for. Each costs a copy of every region overwritten while it lives.
+pub const FROZEN_MAX: usize = 4;
+/// Stripe locks per freeze: a reader and a writer contend only when their regions share
+/// a stripe.
+const STRIPES: usize = 64;
+const COPY_FILE_PREFIX: &str = "frozen-";
+const COPY_FILE_EXTENSION: &str = "cow";
+/// A mutation spanning at least this many regions asks the store for its holes first, so
+/// a large trim over unwritten space copies nothing.
+const HOLE_QUERY_REGIONS_MIN: u64 = 4;
+
+impl Volume {
+    /// Appends a snapshot marker named `name` and, atomically with it (under the journal
+    /// lock), freezes the volume's contents at that marker; durable like
+    /// [`Volume::mark_snapshot`]. Writes go on; the first overwrite of each region copies
+    /// it aside while the returned [`Frozen`] lives. At most [`FROZEN_MAX`] freezes at a
+    /// time ([`Error::InvalidArgument`] beyond that).
+    pub fn snapshot(&self, name: &str) -> Result<Frozen> {
+        let inner = &self.inner;
+        inner.validate_snapshot_name(name)?;
+        inner.check_writable()?;
+        let core = inner.frozen.reserve(name)?;
+        // From here dropping `frozen` undoes the reservation, whatever fails.
+        let frozen = Frozen { core: Arc::clone(&core), set: Arc::clone(&inner.frozen) };
+        let record = NewRecord::local(RecordKind::Snapshot, 0, 0, 0, name.as_bytes());
+        let seq = inner.append_freezing(record, Some(&core))?;
+        debug_assert_eq!(core.seq.get(), Some(&seq));
+        inner.journal.flush_to(seq).map_err(|e| inner.flush_error(e))?;
+        Ok(frozen)
+    }
+
+    /// For a standby: the next snapshot marker named `name` that is applied (by
+    /// [`Volume::apply_replica`], or appended here) freezes the volume at it. The
+    /// returned waiter hands out the [`Frozen`]; dropping it cancels the wait. Counts
+    /// against [`FROZEN_MAX`].
+    pub fn freeze_at_marker(&self, name: &str) -> Result<FreezeWaiter> {
+        let inner = &self.inner;
+        inner.validate_snapshot_name(name)?;
+        inner.check_writable()?;
+        let core = inner.frozen.reserve(name)?;
+        let slot = Arc::new(WaitSlot { result: Mutex::new(Slot::Waiting), ready: Condvar::new() });
+        inner.frozen.state.lock().waiting.push(Waiting { core: Arc::clone(&core), slot: Arc::clone(&slot) });
+        Ok(FreezeWaiter { core, slot, set: Arc::clone(&inner.frozen) })
+    }
+}
+
+/// A volume's contents frozen at a snapshot marker. `Send + Sync`; share it with an
+/// `Arc`. Dropping it ends the freeze: no more copying, and the copy file is deleted.
+///
+/// # Invariants
+/// - A region's `copied` bit is set only after its bytes at the marker are in the copy
+///   file (or it was all zeros, and its `zero` bit is set), and before the first mutation
+///   of it after the marker.
+/// - While the freeze is valid, an uncopied, unreleased region of the store holds its
+///   bytes at the marker.
+pub struct Frozen {
+    core: Arc<Core>,
+    set: Arc<FrozenSet>,
+}
+
+// A frozen view is handed between threads and shared behind an `Arc`.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Frozen>();
+    shareable::<FreezeWaiter>();
+};
+
+/// Waits for the marker a [`Volume::freeze_at_marker`] named.
+pub struct FreezeWaiter {
+    core: Arc<Core>,
+    slot: Arc<WaitSlot>,
+    set: Arc<FrozenSet>,
+}
+
+impl Frozen {
+    /// The marker's seq.
+    pub fn seq(&self) -> u64 {
+        self.core.seq()
+    }
+
+    /// The marker's name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.set.size
+    }
+
+    /// Size of the regions that [`Frozen::changed_since`] reports and that are copied.
+    pub fn region_bytes(&self) -> u64 {
+        self.set.region_bytes
+    }
+
+    /// Regions changed by records in `(parent_seq, seq]`, from the change map's layers:
+    /// exact when `parent_seq` is a retained snapshot cut point.
+    /// [`Error::ChangeMapUnavailable`] means the map cannot answer: read everything.
+    pub fn changed_since(&self, parent_seq: u64) -> Result<ChangeSet> {
+        let seq = self.seq();
+        if parent_seq > seq {
+            return Err(Error::InvalidArgument(format!(
+                "volume {:?}: snapshot {:?} is at seq {seq}, before the parent seq {parent_seq}",
+                self.set.volume, self.core.name
+            )));
+        }
+        self.set.changemap.changed_between(parent_seq, seq).map_err(|reason| Error::ChangeMapUnavailable {
+            volume: self.set.volume.clone(),
+            since: parent_seq,
+            reason,
+        })
+    }
+
+    /// Reads the volume's bytes at `[offset, offset + buf.len())` exactly as they were
+    /// right after the marker, whatever was written since. Fails if the freeze was
+    /// invalidated (the error names the cause) or a region was released.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (set, core) = (&*self.set, &*self.core);
+        set.check_range(offset, buf.len() as u64)?;
+        self.check_valid()?;
+        let region_bytes = set.region_bytes;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let region = at / region_bytes;
+            let n = ((region_bytes - at % region_bytes) as usize).min(buf.len() - done);
+            let Some(piece) = buf.get_mut(done..done + n) else { break };
+            if core.released.get(region) {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {:?}: snapshot {:?}: region {region} (byte {at}) was released and cannot be read again",
+                    set.volume, core.name
+                )));
+            }
+            {
+                let _stripe = core.stripe(region).lock();
+                self.check_valid()?;
+                let read = if !core.copied.get(region) {
+                    set.store.read(at, piece)
+                } else if core.zero.get(region) {
+                    piece.fill(0);
+                    Ok(())
+                } else {
+                    core.file.read_at(piece, at)
+                };
+                read.map_err(|source| Error::Io {
+                    volume: set.volume.clone(),
+                    context: format!("read {n} bytes at {at} of snapshot {:?} (seq {})", core.name, core.seq()),
+                    source,
+                })?;
+                // Copying may have stopped while we read: then the bytes may be newer.
+                self.check_valid()?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The allocation map of the frozen contents of `[offset, offset + len)`. Conservative:
+    /// a range reported as a hole reads as zeros; data may be zeros too (released regions
+    /// are always reported as data).
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let (set, core) = (&*self.set, &*self.core);
+        set.check_range(offset, len)?;
+        self.check_valid()?;
+        let io = |source| Error::Io {
+            volume: set.volume.clone(),
+            context: format!("map allocation of {offset}+{len} in snapshot {:?}", core.name),
+            source,
+        };
+        // The store's map first, the copied bits after: a region not copied by then was
+        // not mutated before it either (mutations copy first), so the store's map of it
+        // is the frozen one; a region copied meanwhile is answered from its copy.
+        let store_extents = set.store.extents(offset, len).map_err(io)?;
+        let mut store_runs = Vec::with_capacity(store_extents.len());
+        let mut at = offset;
+        for extent in store_extents {
+            store_runs.push((at, at + extent.len, extent.hole));
+            at += extent.len;
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |len: u64, hole: bool| match out.last_mut() {
+            Some(last) if last.hole == hole => last.len += len,
+            _ if len > 0 => out.push(Extent { len, hole }),
+            _ => {}
+        };
+        let region_bytes = set.region_bytes;
+        let end = offset + len;
+        let mut pos = offset;
+        let mut run = 0usize;
+        while pos < end {
+            let region = pos / region_bytes;
+            let piece_end = ((region + 1) * region_bytes).min(end);
+            if core.copied.get(region) {
+                push(piece_end - pos, core.zero.get(region));
+            } else if core.released.get(region) {
+                push(piece_end - pos, false);
+            } else {
+                let mut from = pos;
+                while from < piece_end {
+                    let Some(&(run_start, run_end, hole)) = store_runs.get(run) else {
+                        push(piece_end - from, false);
+                        break;
+                    };
+                    if run_end <= from {
+                        run += 1;
+                        continue;
+                    }
+                    let to = run_end.min(piece_end);
+                    push(to - from.max(run_start), hole);
+                    from = to;
+                }
+            }
+            pos = piece_end;
+        }
+        self.check_valid()?;
+        Ok(out)
+    }
+
+    /// Tells the freeze that `[offset, offset + len)` will not be read again: the regions
+    /// it wholly covers (and the last, partial region of the volume) are no longer copied
+    /// on overwrite, and their copies are freed. Reading them afterwards fails.
+    pub fn release(&self, offset: u64, len: u64) {
+        let (set, core) = (&*self.set, &*self.core);
+        let end = offset.saturating_add(len).min(set.size);
+        let region_bytes = set.region_bytes;
+        let first = offset.div_ceil(region_bytes);
+        let last_end = if end == set.size { set.region_count } else { end / region_bytes };
+        if first >= last_end {
+            return;
+        }
+        for region in first..last_end {
+            let _stripe = core.stripe(region).lock();
+            core.released.set(region);
+        }
+        // No writer copies these regions any more, so the punch races with nothing.
+        let from = first * region_bytes;
+        let to = (last_end * region_bytes).min(set.size);
+        if let Err(e) = core.file.punch_hole(from, to - from) {
+            tracing::warn!(volume = %set.volume, "failed to free released copies of snapshot {:?}: {e}", core.name);
+        }
+    }
+
+    fn check_valid(&self) -> Result<()> {
+        match self.core.invalid_cause() {
+            None => Ok(()),
+            Some(cause) => Err(Error::Io {
+                volume: self.set.volume.clone(),
+                context: format!("read snapshot {:?} (seq {})", self.core.name, self.core.seq()),
+                source: std::io::Error::other(format!("the frozen view ended: {cause}; take a new snapshot")),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Frozen {
+    pub(crate) fn is_copied(&self, region: u64) -> bool {
+        self.core.copied.get(region)
+    }
+
+    pub(crate) fn is_released(&self, region: u64) -> bool {
+        self.core.released.get(region)
+    }
+}
+
+impl fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frozen")
+            .field("volume", &self.set.volume)
+            .field("name", &self.core.name)
+            .field("seq", &self.core.seq.get())
+            .field("invalid", &self.core.invalid_cause())
+            .finish()
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.set.end(&self.core, "the frozen view was dropped");
+    }
+}
+
+impl FreezeWaiter {
+    /// Waits up to `timeout` for the marker. Gives the [`Frozen`] once; fails when the
+    /// time runs out (the wait stays registered: call again, or drop the waiter to
+    /// cancel), or when the volume was rewound, closed or poisoned first.
+    pub fn wait(&self, timeout: Duration) -> Result<Frozen> {
+        let deadline = Instant::now() + timeout;
+        let mut slot = self.slot.result.lock();
+        loop {
+            match std::mem::replace(&mut *slot, Slot::Claimed) {
+                Slot::Ready(frozen) => return Ok(*frozen),
+                Slot::Failed(cause) => {
+                    let error = self.error(std::io::ErrorKind::Other, &cause);
+                    *slot = Slot::Failed(cause);
+                    return Err(error);
+                }
+                Slot::Claimed => {
+                    *slot = Slot::Claimed;
+                    return Err(self.error(std::io::ErrorKind::Other, "this waiter already handed out its frozen view"));
+                }
+                Slot::Waiting => *slot = Slot::Waiting,
+            }
+            if self.slot.ready.wait_until(&mut slot, deadline).timed_out() && matches!(*slot, Slot::Waiting) {
+                let waited = format!("no marker named {:?} arrived within {timeout:?}", self.core.name);
+                return Err(self.error(std::io::ErrorKind::TimedOut, &waited));
+            }
+        }
+    }
+
+    fn error(&self, kind: std::io::ErrorKind, cause: &str) -> Error {
+        Error::Io {
+            volume: self.set.volume.clone(),
+            context: format!("freeze at snapshot marker {:?}", self.core.name),
+            source: std::io::Error::new(kind, cause.to_string()),
+        }
+    }
+}
+
+impl fmt::Debug for FreezeWaiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FreezeWaiter").field("volume", &self.set.volume).field("name", &self.core.name).finish()
+    }
+}
+
+impl Drop for FreezeWaiter {
+    fn drop(&mut self) {
+        let unclaimed = {
+            let mut state = self.set.state.lock();
+            state.waiting.retain(|w| !Arc::ptr_eq(&w.core, &self.core));
+            std::mem::replace(&mut *self.slot.result.lock(), Slot::Claimed)
+        };
+        match unclaimed {
+            // Handed out: the Frozen owns the freeze now.
+            Slot::Claimed => {}
+            // Activated but never collected: its own drop ends the freeze.
+            Slot::Ready(frozen) => drop(frozen),
+            Slot::Waiting | Slot::Failed(_) => self.set.end(&self.core, "the wait for the marker was cancelled"),
+        }
+    }
+}
+
+struct WaitSlot {
+    result: Mutex<Slot>,
+    ready: Condvar,
+}
+
+enum Slot {
+    /// The marker has not arrived.
+    Waiting,
+    /// The marker arrived; the view waits to be collected.
+    Ready(Box<Frozen>),
+    /// The wait failed (rewind, close, poison).
+    Failed(String),
+    /// `wait` handed the view out.
+    Claimed,
+}
+
+struct Waiting {
+    core: Arc<Core>,
+    slot: Arc<WaitSlot>,
+}
+
+/// One freeze's state, shared by its [`Frozen`] and the volume's write path.
+pub(super) struct Core {
+    name: String,
+    /// The marker's seq, set when the freeze is activated.
+    seq: OnceLock<u64>,
+    path: PathBuf,
+    file: Arc<dyn Storage>,
+    /// Regions whose bytes at the marker are preserved (in the file, or as `zero`).
+    copied: Bitmap,
+    /// Copied regions that were all zeros: nothing of them is in the file.
+    zero: Bitmap,
+    /// Regions the reader gave up: never copied again.
+    released: Bitmap,
+    stripes: Box<[Mutex<()>]>,
+    invalid: AtomicBool,
+    cause: OnceLock<String>,
+    /// Set once the reservation is given back, so that happens once.
+    ended: AtomicBool,
+}
+
+impl Core {
+    fn seq(&self) -> u64 {
+        self.seq.get().copied().unwrap_or(0)
+    }
+
+    fn stripe(&self, region: u64) -> &Mutex<()> {
+        let index = (region % STRIPES as u64) as usize;
+        // `stripes` has STRIPES entries, so the index is always in range.
+        &self.stripes[index]
+    }
+
+    fn invalidate(&self, cause: &str) {
+        let _ = self.cause.set(cause.to_string());
+        self.invalid.store(true, Ordering::SeqCst);
+    }
+
+    fn invalid_cause(&self) -> Option<String> {
+        if self.invalid.load(Ordering::SeqCst) {
+            Some(self.cause.get().cloned().unwrap_or_default())
+        } else {
+            None
+        }
+    }
+
+    /// Copies aside every region of `[offset, offset + len)` not yet copied or released.
+    /// Runs under the journal lock, before the mutation. `Err` names why the freeze must
+    /// end.
+    fn copy_before_write(
+        &self,
+        set: &FrozenSet,
+        offset: u64,
+        len: u64,
+        scratch: &mut Vec<u8>,
+    ) -> std::result::Result<(), String> {
+        let region_bytes = set.region_bytes;
+        let first = offset / region_bytes;
+        let last = (offset + len - 1) / region_bytes;
+        let mut holes: Option<Vec<(u64, u64)>> = None;
+        for region in first..=last {
+            if self.copied.get(region) || self.released.get(region) {
+                continue;
+            }
+            let start = region * region_bytes;
+            let n = region_bytes.min(set.size - start);
+            if holes.is_none() && last - first + 1 >= HOLE_QUERY_REGIONS_MIN {
+                let range_end = ((last + 1) * region_bytes).min(set.size);
+                holes = Some(hole_runs(&set.store, start, range_end - start)?);
+            }
+            let _stripe = self.stripe(region).lock();
+            if self.released.get(region) {
+                continue;
+            }
+            let in_hole = holes.as_ref().is_some_and(|runs| runs.iter().any(|&(a, b)| a <= start && start + n <= b));
+            if in_hole {
+                self.zero.set(region);
+            } else {
+                scratch.resize(n as usize, 0);
+                set.store
+                    .read(start, scratch)
+                    .map_err(|e| format!("failed to read region {region} of the block store to preserve it: {e}"))?;
+                if is_zero(scratch) {
+                    self.zero.set(region);
+                } else {
+                    self.file
+                        .write_at(scratch, start)
+                        .map_err(|e| format!("failed to copy region {region} to {}: {e}", self.path.display()))?;
+                }
+            }
+            self.copied.set(region);
+        }
+        Ok(())
+    }
+}
+
+/// True when every byte is zero. Compares 4 KiB at a time with `memcmp`, which is fast
+/// whatever the optimisation level (a byte loop is not vectorised in debug builds).
+fn is_zero(bytes: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    bytes.chunks(ZEROS.len()).all(|chunk| ZEROS.get(..chunk.len()) == Some(chunk))
+}
+
+/// The holes of `[offset, offset + len)` in the store, as absolute `(start, end)` runs.
+fn hole_runs(store: &BlockStore, offset: u64, len: u64) -> std::result::Result<Vec<(u64, u64)>, String> {
+    let extents = store.extents(offset, len).map_err(|e| format!("failed to map the block store's holes: {e}"))?;
+    let mut at = offset;
+    let mut runs = Vec::new();
+    for extent in extents {
+        if extent.hole {
+            runs.push((at, at + extent.len));
+        }
+        at += extent.len;
+    }
+    Ok(runs)
+}
+
+#[derive(Default)]
+struct SetState {
+    /// Freezes whose marker was applied and that are still valid: the write path copies
+    /// for these.
+    active: Vec<Arc<Core>>,
+    /// `freeze_at_marker` registrations whose marker has not arrived.
+    waiting: Vec<Waiting>,
+    /// Freezes not ended yet (active, waiting or being taken), against [`FROZEN_MAX`].
+    reserved: usize,
+    /// The copy buffer, reused (one region).
+    scratch: Vec<u8>,
+}
+
+/// A volume's freezes. Held by the volume and by every [`Frozen`].
+pub(crate) struct FrozenSet {
+    volume: String,
+    env: Arc<dyn Env>,
+    dir: PathBuf,
+    store: Arc<BlockStore>,
+    changemap: Arc<ChangeMap>,
+    size: u64,
+    region_bytes: u64,
+    region_count: u64,
+    /// `state.active.len()`, read without the lock by the write path's fast check.
+    active_count: AtomicUsize,
+    state: Mutex<SetState>,
+}
+
+impl fmt::Debug for FrozenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrozenSet")
+            .field("volume", &self.volume)
+            .field("active", &self.active_count.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+impl FrozenSet {
+    /// The set for a volume being opened. Removes copy files a crash left behind: their
+    /// freezes ended with the process.
+    pub(crate) fn open(
+        volume: &str,
+        env: Arc<dyn Env>,
+        dir: &Path,
+        store: Arc<BlockStore>,
+        changemap: Arc<ChangeMap>,
+        size: u64,
+    ) -> std::io::Result<Self> {
+        for path in env.read_dir(dir)? {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            if name.starts_with(COPY_FILE_PREFIX) && name.ends_with(&format!(".{COPY_FILE_EXTENSION}")) {
+                env.remove_file(&path)?;
+            }
+        }
+        let region_bytes = changemap.region_bytes();
+        Ok(Self {
+            volume: volume.to_string(),
+            env,
+            dir: dir.to_path_buf(),
+            store,
+            changemap,
+            size,
+            region_bytes,
+            region_count: size.div_ceil(region_bytes),
+            active_count: AtomicUsize::new(0),
+            state: Mutex::new(SetState::default()),
+        })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::OutOfRange { volume: self.volume.clone(), offset, len, size: self.size }),
+        }
+    }
+
+    /// Counts a new freeze against [`FROZEN_MAX`] and creates its (empty) copy file.
+    fn reserve(&self, name: &str) -> Result<Arc<Core>> {
+        {
+            let mut state = self.state.lock();
+            if state.reserved >= FROZEN_MAX {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {:?}: already {FROZEN_MAX} frozen views (live, being taken or waiting for a marker); \
+                     drop one before taking snapshot {name:?}",
+                    self.volume
+                )));
+            }
+            state.reserved += 1;
+        }
+        let path =
+            self.dir.join(format!("{COPY_FILE_PREFIX}{:016x}.{COPY_FILE_EXTENSION}", crate::random::random_u64()));
+        let file = self.env.open(&path, OpenMode::CreateIfMissing).and_then(|file| file.set_len(0).map(|()| file));
+        let file = match file {
+            Ok(file) => file,
+            Err(source) => {
+                self.state.lock().reserved -= 1;
+                return Err(Error::Io {
+                    volume: self.volume.clone(),
+                    context: format!("create the copy file {} for snapshot {name:?}", path.display()),
+                    source,
+                });
+            }
+        };
+        Ok(Arc::new(Core {
+            name: name.to_string(),
+            seq: OnceLock::new(),
+            path,
+            file,
+            copied: Bitmap::new(self.region_count),
+            zero: Bitmap::new(self.region_count),
+            released: Bitmap::new(self.region_count),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            invalid: AtomicBool::new(false),
+            cause: OnceLock::new(),
+            ended: AtomicBool::new(false),
+        }))
+    }
+
+    /// Ends a freeze: no more copying, the reservation is given back, the file deleted.
+    fn end(&self, core: &Arc<Core>, cause: &str) {
+        {
+            let mut state = self.state.lock();
+            core.invalidate(cause);
+            state.active.retain(|c| !Arc::ptr_eq(c, core));
+            state.waiting.retain(|w| !Arc::ptr_eq(&w.core, core));
+            self.active_count.store(state.active.len(), Ordering::SeqCst);
+            if !core.ended.swap(true, Ordering::SeqCst) {
+                state.reserved -= 1;
+            }
+        }
+        if let Err(e) = self.env.remove_file(&core.path) {
+            tracing::warn!(volume = %self.volume, "failed to delete the copy file {}: {e}", core.path.display());
+        }
+    }
+
+    /// A snapshot marker `seq` named `name` was applied (under the journal lock):
+    /// activates `own` (the freeze [`Volume::snapshot`] took for this very marker) and
+    /// the oldest waiter for that name.
+    pub(super) fn on_marker(self: &Arc<Self>, seq: u64, name: &[u8], own: Option<&Arc<Core>>) {
+        let mut state = self.state.lock();
+        if let Some(core) = own {
+            let _ = core.seq.set(seq);
+            state.active.push(Arc::clone(core));
+        }
+        if let Some(index) = state.waiting.iter().position(|w| w.core.name.as_bytes() == name) {
+            let waiting = state.waiting.remove(index);
+            let _ = waiting.core.seq.set(seq);
+            state.active.push(Arc::clone(&waiting.core));
+            let frozen = Frozen { core: waiting.core, set: Arc::clone(self) };
+            *waiting.slot.result.lock() = Slot::Ready(Box::new(frozen));
+            waiting.slot.ready.notify_all();
+        }
+        self.active_count.store(state.active.len(), Ordering::SeqCst);
+    }
+
+    /// Preserves the frozen bytes of `[offset, offset + len)` before the store mutates it.
+    /// Called under the journal lock by every store mutation; never fails: a freeze that
+    /// cannot copy is invalidated and the mutation goes on.
+    pub(super) fn before_mutation(&self, offset: u64, len: u64) {
+        if len == 0 || self.active_count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let mut failed = false;
+        for core in &state.active {
+            if let Err(cause) = core.copy_before_write(self, offset, len, &mut state.scratch) {
+                tracing::warn!(volume = %self.volume, "snapshot {:?} (seq {}) ends: {cause}", core.name, core.seq());
+                core.invalidate(&cause);
+                failed = true;
+            }
+        }
+        if failed {
+            state.active.retain(|c| c.invalid_cause().is_none());
+            self.active_count.store(state.active.len(), Ordering::SeqCst);
+        }
+    }
+
+    /// Invalidates every freeze at a seq after `to_seq` (a rewind discards their
+    /// history) and fails every waiter.
+    pub(super) fn rewound(&self, to_seq: u64) {
+        let cause = format!("the volume was rewound to seq {to_seq}");
+        let mut state = self.state.lock();
+        for core in state.active.iter().filter(|c| c.seq() > to_seq) {
+            core.invalidate(&format!("{cause}, before the marker"));
+        }
+        state.active.retain(|c| c.invalid_cause().is_none());
+        self.active_count.store(state.active.len(), Ordering::SeqCst);
+        for waiting in state.waiting.drain(..) {
+            *waiting.slot.result.lock() = Slot::Failed(format!("{cause} before the marker arrived"));
+            waiting.slot.ready.notify_all();
+        }
+    }
+
+    /// Invalidates every freeze and fails every waiter (the volume is closing or was
+    /// poisoned).
+    pub(super) fn invalidate_all(&self, cause: &str) {
+        let mut state = self.state.lock();
+        for core in state.active.drain(..) {
+            core.invalidate(cause);
+        }
+        self.active_count.store(0, Ordering::SeqCst);
+        for waiting in state.waiting.drain(..) {
+            *waiting.slot.result.lock() = Slot::Failed(cause.to_string());
+            waiting.slot.ready.notify_all();
+        }
+    }
+}
