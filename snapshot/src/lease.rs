@@ -121,6 +121,21 @@ fn live_leases(vault: &dyn Vault, prefix: &str, now: i64) -> Result<Vec<(String,
     Ok(live)
 }
 
+/// Fails when `record` has run out or will within the clock margin: the other side may
+/// already treat its holder as dead.
+fn check_live(vault: &dyn Vault, key: &str, record: &LeaseRecord) -> Result<(), LeaseError> {
+    let now = now_unix();
+    if now + CLOCK_MARGIN_SECS >= record.expires {
+        return Err(LeaseError::Expired {
+            vault: vault.name().to_owned(),
+            key: key.to_owned(),
+            expired: record.expires,
+            now,
+        });
+    }
+    Ok(())
+}
+
 /// A running upload's lease (`uploads/<id>`). Renew it while the upload runs; check it
 /// before writing the manifest; finish or abandon it after.
 #[derive(Debug)]
@@ -170,16 +185,7 @@ impl<'v> UploadLease<'v> {
     /// Fails when the lease has run out or is about to (within the clock margin): GC may
     /// consider the upload dead, so its manifest must not be written.
     pub fn check(&self) -> Result<(), LeaseError> {
-        let now = now_unix();
-        if now + CLOCK_MARGIN_SECS >= self.record.expires {
-            return Err(LeaseError::Expired {
-                vault: self.vault.name().to_owned(),
-                key: self.key.clone(),
-                expired: self.record.expires,
-                now,
-            });
-        }
-        Ok(())
+        check_live(self.vault, &self.key, &self.record)
     }
 
     /// Removes the lease after the manifest was written.
@@ -265,16 +271,7 @@ impl<'v> GcLease<'v> {
 
     /// Fails when the lease has run out (uploads may have started): stop sweeping.
     pub fn check(&self) -> Result<(), LeaseError> {
-        let now = now_unix();
-        if now + CLOCK_MARGIN_SECS >= self.record.expires {
-            return Err(LeaseError::Expired {
-                vault: self.vault.name().to_owned(),
-                key: self.key.clone(),
-                expired: self.record.expires,
-                now,
-            });
-        }
-        Ok(())
+        check_live(self.vault, &self.key, &self.record)
     }
 
     /// The sweep is complete: removes the lease (and its cursor).

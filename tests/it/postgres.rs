@@ -142,24 +142,7 @@ fn postgres_survives_a_power_cut_of_the_primary_and_moves_to_the_standby() {
     let root = stack.mount().unwrap();
     chmod(&root, 0o755);
     let files = write_filestore(&root.join("filestore"), rand::random());
-    let pgdata = root.join("pgdata");
-    std::fs::create_dir(&pgdata).unwrap();
-    pg.chown(&pgdata);
-    chmod(&pgdata, 0o700);
-    pg.run_ok(
-        work.path(),
-        Command::new(pg_bin("initdb")).arg("-D").arg(&pgdata).args([
-            "--data-checksums",
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ]),
-    )
-    .unwrap();
+    let pgdata = initdb(&pg, work.path(), &root);
     // Small WAL bounds and frequent checkpoints: the 1 GiB volume holds it, and the crash
     // lands between checkpoints with WAL to replay.
     let mut conf = std::fs::OpenOptions::new().append(true).open(pgdata.join("postgresql.conf")).unwrap();
@@ -392,6 +375,18 @@ fn postgres_survives_a_power_cut_of_the_primary_and_moves_to_the_standby() {
 }
 
 // --- PostgreSQL as the `postgres` user ------------------------------------------------------
+
+/// Creates `root/pgdata` owned by `postgres` and runs `initdb --data-checksums` in it
+/// (trust auth, UTF8, C locale); returns the data directory.
+pub(crate) fn initdb(pg: &PgUser, cwd: &Path, root: &Path) -> PathBuf {
+    let pgdata = root.join("pgdata");
+    std::fs::create_dir(&pgdata).unwrap();
+    pg.chown(&pgdata);
+    chmod(&pgdata, 0o700);
+    let args = ["--data-checksums", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C"];
+    pg.run_ok(cwd, Command::new(pg_bin("initdb")).arg("-D").arg(&pgdata).args(args)).unwrap();
+    pgdata
+}
 
 pub(crate) fn pg_bin(name: &str) -> PathBuf {
     Path::new(PG_BIN).join(name)

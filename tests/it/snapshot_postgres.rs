@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use keel_tests::cmd::{run_ok, wait_for};
 use keel_tests::mount::{machine_lock, unavailable, Stack};
 
-use crate::postgres::{chmod, free_port, pg_bin, Db, PgUser, Postmaster, DATABASE, PG_BIN, STEP_TIMEOUT};
+use crate::postgres::{chmod, free_port, initdb, pg_bin, Db, PgUser, Postmaster, DATABASE, PG_BIN, STEP_TIMEOUT};
 use crate::snapshot::{create, keel, node};
 
 const SIZE: u64 = 1 << 30;
@@ -40,22 +40,7 @@ fn postgres_snapshot_under_pgbench_restores_to_a_working_database() {
     stack.mkfs().unwrap();
     let root = stack.mount().unwrap();
     chmod(&root, 0o755);
-    let pgdata = root.join("pgdata");
-    std::fs::create_dir(&pgdata).unwrap();
-    pg.chown(&pgdata);
-    chmod(&pgdata, 0o700);
-    pg.run_ok(
-        work.path(),
-        Command::new(pg_bin("initdb")).arg("-D").arg(&pgdata).args([
-            "--data-checksums",
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--locale=C",
-        ]),
-    )
-    .unwrap();
+    let pgdata = initdb(&pg, work.path(), &root);
     let mut conf = std::fs::OpenOptions::new().append(true).open(pgdata.join("postgresql.conf")).unwrap();
     conf.write_all(b"\nlisten_addresses = ''\nmin_wal_size = 32MB\nmax_wal_size = 128MB\n").unwrap();
     drop(conf);
