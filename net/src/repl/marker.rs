@@ -357,9 +357,10 @@ mod tests {
                 let request = requests.blocking_recv().unwrap();
                 let outcome = MarkOutcome::Refused { reason: "fenced".into() };
                 client.resolve(MarkReplyMsg { epoch: 7, id: request.id, outcome }).unwrap();
-                // The third goes unanswered; the session then ends.
+                // The third goes unanswered; the session then ends. The request is
+                // registered before it is sent, so closing now fails it whether or not the
+                // requester has started waiting.
                 let _ = requests.blocking_recv().unwrap();
-                std::thread::sleep(Duration::from_millis(50));
                 client.close();
                 requests
             })
