@@ -710,29 +710,44 @@ impl Inner {
         loop {
             match self.journal.append(record, &apply) {
                 Ok(seq) => {
-                    let pressure = self.journal.bytes_since_checkpoint() >= self.checkpoint_pressure_bytes;
-                    let spare = self.journal.take_spare_wanted();
-                    if pressure || spare {
-                        let mut wake = self.wake.lock();
-                        wake.pressure |= pressure;
-                        wake.spare |= spare;
-                        self.wake_cond.notify_all();
-                    }
+                    self.after_append();
                     return Ok(seq);
                 }
                 // Backpressure: the writer waits for a checkpoint to free segments.
                 Err(AppendError::Full) => {
                     self.checkpoint(CheckpointMode::Always)?;
                 }
-                Err(AppendError::Io(context, e)) => return Err(self.poison_with(format!("failed to {context}: {e}"))),
-                Err(AppendError::SeqMismatch { expected }) => {
-                    let got = match record.origin {
-                        Origin::Replica { seq, .. } => seq,
-                        Origin::Local => expected,
-                    };
-                    return Err(Error::SeqMismatch { volume: self.name.clone(), expected, got });
-                }
+                Err(e) => return Err(self.append_error(&record, e)),
             }
+        }
+    }
+
+    /// Wakes the checkpointer when the last append left the journal wanting a checkpoint
+    /// or a spare segment slot.
+    fn after_append(&self) {
+        let pressure = self.journal.bytes_since_checkpoint() >= self.checkpoint_pressure_bytes;
+        let spare = self.journal.take_spare_wanted();
+        if pressure || spare {
+            let mut wake = self.wake.lock();
+            wake.pressure |= pressure;
+            wake.spare |= spare;
+            self.wake_cond.notify_all();
+        }
+    }
+
+    /// The error for a failed append other than [`AppendError::Full`]: an I/O failure
+    /// poisons the volume.
+    fn append_error(&self, record: &NewRecord<'_>, e: AppendError) -> Error {
+        match e {
+            AppendError::Io(context, e) => self.poison_with(format!("failed to {context}: {e}")),
+            AppendError::SeqMismatch { expected } => {
+                let got = match record.origin {
+                    Origin::Replica { seq, .. } => seq,
+                    Origin::Local => expected,
+                };
+                Error::SeqMismatch { volume: self.name.clone(), expected, got }
+            }
+            AppendError::Full => Error::InvalidArgument(format!("volume {:?}: the journal is full", self.name)),
         }
     }
 

@@ -24,7 +24,9 @@ use crate::chunk::{is_zero, seal_chunk};
 use crate::error::{ChunkError, ManifestError};
 use crate::key::{ChunkId, TenantKey};
 use crate::lease::{now_unix, LeaseError, UploadLease};
-use crate::manifest::{encode_manifest, Manifest, ManifestV1, StatsV1, HOLE};
+use crate::manifest::{
+    encode_group_manifest, encode_manifest, GroupV2, Manifest, ManifestV1, ManifestV2, StatsV1, HOLE,
+};
 use crate::vault::{keys, Put, Vault, VaultError};
 
 /// Where a snapshot's bytes come from: a frozen volume view, an image file, a stream.
@@ -67,6 +69,8 @@ pub struct CreateOptions {
     pub snapshot_id: Option<String>,
     /// When the marker was taken, unix seconds; now when `None`.
     pub created_unix: Option<i64>,
+    /// The consistency group, for a member of one (a version 2 manifest).
+    pub group: Option<GroupV2>,
 }
 
 /// Progress of a running snapshot, restore or copy.
@@ -382,7 +386,10 @@ pub fn create_snapshot(
         stats: stats.clone(),
         chunks: entries,
     };
-    let bytes = encode_manifest(key, &manifest)?;
+    let bytes = match &options.group {
+        None => encode_manifest(key, &manifest)?,
+        Some(group) => encode_group_manifest(key, &ManifestV2 { base: manifest, group: group.clone() })?,
+    };
     let manifest_key = keys::manifest(&volume, &snapshot_id);
     // Every chunk the manifest names is durable before the manifest is written.
     vault.sync()?;
@@ -500,6 +507,7 @@ mod tests {
             threads: 3,
             snapshot_id: Some(id.into()),
             created_unix: Some(1_795_000_000),
+            group: None,
         }
     }
 

@@ -107,6 +107,28 @@ pub enum StoreError {
         #[source]
         source: ChunkError,
     },
+    /// A pack file or index log holds bytes that are not what the store wrote there (a
+    /// truncated pack, an entry that is another chunk, a bad header).
+    #[error("{}: corrupt at offset {offset}: {what}; run keel snapshot verify to heal the chunks it holds", path.display())]
+    Corrupt {
+        /// The pack file or index log.
+        path: PathBuf,
+        /// Where in it.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// The directory holds chunks in the one-file-per-chunk layout (`chunks/ab/cd/<id>`),
+    /// which this version does not read.
+    #[error(
+        "{} holds chunks in the one-file-per-chunk layout of earlier development builds, which this \
+         version does not read; copy the snapshots into a new repository with the build that wrote them",
+        path.display()
+    )]
+    LegacyLayout {
+        /// The `chunks` directory found.
+        path: PathBuf,
+    },
     /// An earlier write or fsync failed; the store refuses writes until reopened
     /// (fail-stop: a failed fsync is never retried).
     #[error("chunk store at {} is poisoned by an earlier I/O failure; reopen it", path.display())]

@@ -1,15 +1,16 @@
 //! Keel's snapshots and vaults: deduplicated, compressed, encrypted copies of volumes.
 //!
-//! Built so far: the chunk codec and a local chunk store. Snapshots, manifests, vaults,
-//! retention and restore follow (see the snapshot issue). The engine already records
-//! snapshot points ([`keel_engine::Volume::mark_snapshot`]) and tracks changed regions
-//! ([`keel_engine::Volume::changed_since`]) for them.
+//! Snapshots are taken from the engine's frozen views ([`keel_engine::Volume::snapshot`])
+//! and its change map; docs/snapshots.md has the whole picture. The pieces:
 //!
 //! - [`TenantKey`], [`ChunkId`] — a tenant's key, its derived id and encryption subkeys,
 //!   and the keyed-BLAKE3 chunk id (dedup never crosses tenants).
 //! - [`encode_chunk`], [`decode_chunk`], [`check_frame`], [`is_zero`] — the chunk frame
 //!   (docs/format-chunk.md): zstd when it pays, XChaCha20-Poly1305, CRC32.
-//! - [`LocalChunkStore`] — chunks as files in a directory, written atomically, deduplicated.
+//! - [`LocalChunkStore`] — chunks in append-only pack files with per-pack index logs
+//!   (docs/format-chunk.md), deduplicated, made durable in batches.
+//! - [`manifest`], [`create`], [`restore`], [`maintain`], [`vault`] — manifests, taking,
+//!   restoring, copying/verifying/GC, and the vault backends.
 //!
 //! ```
 //! use keel_snapshot::{decode_chunk, encode_chunk, is_zero, LocalChunkStore, TenantKey};
@@ -52,4 +53,4 @@ pub use retention::{Decision, Keep, Period, RetentionConfig, RetentionError, Ret
 pub use schedule::{
     Date, IsoWeek, LocalDateTime, Schedule, ScheduleError, TimeZone, TimeZoneError, MAX_TZIF_BYTES, ZONEINFO_DIR,
 };
-pub use store::{LocalChunkStore, PutOutcome};
+pub use store::{ChunkLocation, LocalChunkStore, PutOutcome, ReclaimReport, StoreStats, StoredChunk};

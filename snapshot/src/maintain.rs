@@ -6,14 +6,17 @@
 //!   manifest last — so an interrupted copy is invisible, and rerunning it resumes (the
 //!   chunks already sent are skipped).
 //! - **Verify** reads, authenticates, decompresses and re-hashes every chunk of the chosen
-//!   snapshots (or a rotating subset). A bad copy is healed from the first other vault
-//!   that holds a good one (the good frame replaces the bad file) and reported. A
+//!   snapshots (or a rotating subset). A bad copy (missing, unreadable, or failing to
+//!   decode) is healed from the first other vault that holds a good one (the bad copy is
+//!   deleted, then the good frame stored anew) and reported. A
 //!   snapshot with a chunk that cannot be healed is recorded as failed
 //!   (`verify/<volume>/<snapshot id>`), and is never used as the parent of an incremental.
 //! - **GC** marks every chunk a manifest references (a sorted array of ids: 32 bytes per
 //!   referenced chunk, nothing per snapshot), then sweeps the chunk listing in id order and
 //!   deletes the unreferenced ones, under the GC lease (no upload runs meanwhile; see
-//!   [`crate::lease`]). The sweep saves its position, so an interrupted GC resumes.
+//!   [`crate::lease`]). The sweep saves its position, so an interrupted GC resumes. A
+//!   complete sweep ends with [`Vault::reclaim`], which gives back the space of what was
+//!   deleted where deleting alone does not (a local vault's packs).
 
 use serde::{Deserialize, Serialize};
 
@@ -356,6 +359,9 @@ pub fn verify(
             let problem = match vault.get_chunk(&id) {
                 Ok(frame) => decode_chunk(tenant, &id, &frame).err().map(|e| e.to_string()),
                 Err(e) if e.is_not_found() => Some("missing".to_owned()),
+                // This copy cannot be read (a truncated pack, an entry that is another
+                // chunk, a read error): a finding to heal, not the end of the verify.
+                Err(e @ (VaultError::BadChunk { .. } | VaultError::Store { .. })) => Some(e.to_string()),
                 Err(e) => return Err(e.into()),
             };
             let good = match problem {
@@ -396,7 +402,7 @@ fn heal(
         if decode_chunk(tenant, id, &frame).is_err() {
             continue;
         }
-        // The bad file must go first: a put of an id that exists is a no-op.
+        // The bad copy must go first: a put of an id that exists is a no-op.
         vault.delete_chunk(id)?;
         vault.put_chunk(id, &frame)?;
         vault.sync()?;
@@ -427,6 +433,9 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unreferenced chunks kept because they were written after the GC started.
     pub kept_young: u64,
+    /// Disk space [`Vault::reclaim`] gave back after a complete sweep (packs of deleted
+    /// chunks deleted or rewritten; 0 where deleting a chunk frees its space at once).
+    pub bytes_reclaimed: u64,
     /// The sweep resumed from a previous, interrupted run.
     pub resumed: bool,
     /// The sweep stopped at `max_deletes` and will resume next time.
@@ -517,6 +526,10 @@ pub fn gc(vault: &dyn Vault, options: &GcOptions, progress: &dyn Fn(Progress)) -
         progress(Progress { done: report.examined, total: 0 });
     }
     if let Some(lease) = lease {
+        // Reclaiming changes where chunks live, never which are present, so it is safe
+        // even if uploads start meanwhile; it runs here so a finished GC has given the
+        // space back.
+        report.bytes_reclaimed = vault.reclaim()?;
         lease.finish()?;
     }
     Ok(report)
@@ -545,6 +558,16 @@ mod tests {
 
     const CHUNK: usize = 4096;
 
+    /// Flips bits `mask` of the byte at `offset` in `path` (damage on disk).
+    fn flip_byte(path: &std::path::Path, offset: u64, mask: u8) {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        byte[0] ^= mask;
+        file.write_all_at(&byte, offset).unwrap();
+    }
+
     fn take(
         key: &TenantKey,
         vault: &dyn Vault,
@@ -562,6 +585,7 @@ mod tests {
             threads: 2,
             snapshot_id: None,
             created_unix: None,
+            group: None,
         };
         let (parent, changed) = match parent {
             Some((m, list)) => (Some(m), Changed::Chunks(list)),
@@ -612,11 +636,8 @@ mod tests {
         let data: Vec<u8> = (0..8 * CHUNK).map(|i| (i % 7) as u8).collect();
         let k1 = take(&key, &a, "db", &data, None);
         let id = distinct_chunks(&read_manifest(&a, &k1, Some(&key)).unwrap())[0];
-        let path = a.store().chunk_path(&id);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 10;
-        bytes[last] ^= 1;
-        std::fs::write(&path, bytes).unwrap();
+        let at = a.store().locate(&id).unwrap().unwrap();
+        flip_byte(&at.pack, at.offset + at.len - 10, 1);
         let err = copy_snapshot(&key, &a, &b, &k1, "n", &|_| {}).unwrap_err();
         assert!(err.to_string().contains(&id.to_string()), "{err}");
         assert!(b.get_object(&k1).is_err());
@@ -633,19 +654,26 @@ mod tests {
         copy_snapshot(&key, &a, &b, &k1, "n", &|_| {}).unwrap();
         let ids = distinct_chunks(&read_manifest(&a, &k1, Some(&key)).unwrap());
         let flip = |vault: &LocalVault, id: &ChunkId| {
-            let path = vault.store().chunk_path(id);
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes[45] ^= 0x80;
-            std::fs::write(&path, bytes).unwrap();
+            let at = vault.store().locate(id).unwrap().unwrap();
+            flip_byte(&at.pack, at.offset + 45, 0x80);
         };
         flip(&a, &ids[3]);
-        std::fs::remove_file(a.store().chunk_path(&ids[7])).unwrap();
+        let bad_copy = a.store().locate(&ids[3]).unwrap().unwrap();
+        assert!(a.store().remove(&ids[7]).unwrap());
         let report = verify(&key, &a, &[&b], None, Subset::All, &|_| {}).unwrap();
         assert!(report.ok(), "{report:?}");
         assert_eq!(report.findings.len(), 2);
         assert!(report.findings.iter().any(|f| f.id == ids[7] && f.problem == "missing"));
+        assert!(report.findings.iter().any(|f| f.id == ids[3] && f.problem.contains("checksum")), "{report:?}");
         assert!(report.findings.iter().all(|f| f.healed_from.as_deref() == Some("b")));
+        // The healed chunk is read from its new copy, also by a later open of the vault.
+        let healed = a.store().locate(&ids[3]).unwrap().unwrap();
+        assert_ne!((healed.pack.clone(), healed.offset), (bad_copy.pack, bad_copy.offset));
         assert!(image(&a, &key, &k1) == data);
+        let reopened = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
+        assert_eq!(reopened.store().locate(&ids[3]).unwrap(), Some(healed));
+        assert!(image(&reopened, &key, &k1) == data);
+        drop(reopened);
         assert!(verify(&key, &a, &[], None, Subset::All, &|_| {}).unwrap().findings.is_empty());
         // Both copies bad: reported, recorded as failed.
         flip(&a, &ids[1]);
@@ -748,5 +776,69 @@ mod tests {
             let stored = vault.list_chunks(None, usize::MAX).unwrap();
             assert_eq!(stored.len(), referenced.len(), "seed {seed}");
         }
+    }
+
+    /// A complete GC gives the space of the chunks it deleted back: packs whose chunks
+    /// are all gone are deleted; a dry run or an interrupted GC reclaims nothing.
+    #[test]
+    fn a_complete_gc_reclaims_the_packs_of_deleted_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let data: Vec<u8> = (0..16 * CHUNK).map(|i| (i * 7 % 251) as u8 ^ (i / CHUNK) as u8).collect();
+        let k1 = {
+            let writer = LocalVault::open_deferred("v", dir.path(), "t").unwrap();
+            writer.store().backdate_writes(10);
+            take(&key, &writer, "db", &data, None)
+            // Dropped: the pack it wrote is no longer being written.
+        };
+        let vault = LocalVault::open("v", dir.path(), "t").unwrap();
+        let pack_bytes = || -> u64 {
+            std::fs::read_dir(dir.path().join("t/packs"))
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum()
+        };
+        let before = pack_bytes();
+        assert!(before > 16 * 60, "16 frames: {before}");
+        assert!(forget(&vault, &k1).unwrap());
+        let dry = gc(&vault, &GcOptions { holder: "n".into(), dry_run: true, max_deletes: None }, &|_| {}).unwrap();
+        assert_eq!((dry.deleted, dry.bytes_reclaimed), (16, 0));
+        let partial = GcOptions { holder: "n".into(), dry_run: false, max_deletes: Some(3) };
+        let report = gc(&vault, &partial, &|_| {}).unwrap();
+        assert!(report.incomplete);
+        assert_eq!(report.bytes_reclaimed, 0);
+        assert_eq!(pack_bytes(), before);
+        let all = GcOptions { holder: "n".into(), dry_run: false, max_deletes: None };
+        let report = gc(&vault, &all, &|_| {}).unwrap();
+        assert_eq!(report.deleted, 13);
+        assert!(report.bytes_reclaimed > before, "{} of {before}", report.bytes_reclaimed);
+        assert_eq!(pack_bytes(), 0);
+        assert!(vault.list_chunks(None, 10).unwrap().is_empty());
+    }
+
+    /// The daemon keeps its repository open while `keel snapshot` commands open it too:
+    /// a snapshot written through one open restores through another opened before it,
+    /// and chunks the other deletes are not deduplicated against afterwards.
+    #[test]
+    fn two_opens_of_one_vault_see_each_others_snapshots_and_deletions() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let daemon = LocalVault::open_deferred("v", dir.path(), "t").unwrap();
+        let cli = LocalVault::open_deferred("v", dir.path(), "t").unwrap();
+        cli.store().backdate_writes(10);
+        let data: Vec<u8> = (0..12 * CHUNK).map(|i| (i * 31 % 253) as u8 ^ (i / CHUNK) as u8).collect();
+        let k1 = take(&key, &cli, "db", &data, None);
+        assert!(image(&daemon, &key, &k1) == data);
+        // The CLI forgets it and collects; the daemon then snapshots the same data again:
+        // every chunk must be stored anew, not deduplicated against deleted ones.
+        assert!(forget(&cli, &k1).unwrap());
+        let all = GcOptions { holder: "cli".into(), dry_run: false, max_deletes: None };
+        assert_eq!(gc(&cli, &all, &|_| {}).unwrap().deleted, 12);
+        let k2 = take(&key, &daemon, "db", &data, None);
+        assert!(image(&cli, &key, &k2) == data);
+        let m2 = read_manifest(&daemon, &k2, Some(&key)).unwrap();
+        assert_eq!(m2.stats().new_chunks, 12);
     }
 }

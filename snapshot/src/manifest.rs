@@ -33,8 +33,10 @@ use crate::key::{ChunkId, TenantKey};
 pub const MANIFEST_MAGIC: [u8; 4] = *b"KMAN";
 /// Length of the fixed header; a multiple of 16 so the rkyv body stays aligned.
 pub const MANIFEST_HEADER_LEN: usize = 96;
-/// The format version this build writes.
-pub const MANIFEST_VERSION: u16 = 1;
+/// The newest format version: 2, a version 1 body plus the consistency group. This build
+/// writes version 1 for a snapshot of one volume (so builds that only read version 1 can
+/// read it) and version 2 for a member of a group; it reads both.
+pub const MANIFEST_VERSION: u16 = 2;
 /// Largest body accepted (rkyv's 32-bit relative pointers; 1 GiB is 32 Mi chunks, 2 TiB
 /// of volume at 64 KiB chunks or 32 TiB at 1 MiB).
 pub const MAX_MANIFEST_BODY: u64 = 1 << 30;
@@ -96,6 +98,28 @@ impl ManifestV1 {
     }
 }
 
+/// The consistency group a snapshot belongs to: the volumes frozen at the same instant
+/// (one marker appended under all their journal locks), each with its own manifest under
+/// the same snapshot id.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct GroupV2 {
+    /// The group's name (`[[snapshots.group]] name`).
+    pub name: String,
+    /// Every member volume, sorted, this one included.
+    pub members: Vec<String>,
+}
+
+/// The body of a version 2 manifest: a version 1 body and the group.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct ManifestV2 {
+    /// Everything a version 1 manifest holds.
+    pub base: ManifestV1,
+    /// The consistency group.
+    pub group: GroupV2,
+}
+
 /// One entry of a manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkRef {
@@ -115,8 +139,28 @@ impl ChunkRef {
     }
 }
 
-/// Serializes `manifest` and seals it with `key`: the bytes to store.
+/// Serializes `manifest` and seals it with `key` as a version 1 manifest: the bytes to store.
 pub fn encode_manifest(key: &TenantKey, manifest: &ManifestV1) -> Result<Vec<u8>, ManifestError> {
+    check_encodable(key, manifest)?;
+    let body = rkyv::to_bytes::<rancor::Error>(manifest).map_err(|e| ManifestError::Encode(e.to_string()))?;
+    seal(key, 1, &body)
+}
+
+/// Serializes a group member's `manifest` and seals it with `key` as a version 2 manifest.
+pub fn encode_group_manifest(key: &TenantKey, manifest: &ManifestV2) -> Result<Vec<u8>, ManifestError> {
+    check_encodable(key, &manifest.base)?;
+    let group = &manifest.group;
+    if !group.members.windows(2).all(|w| w[0] < w[1]) || !group.members.contains(&manifest.base.volume) {
+        return Err(ManifestError::Encode(format!(
+            "group {:?}: members {:?} are not sorted and unique, or lack volume {:?}",
+            group.name, group.members, manifest.base.volume
+        )));
+    }
+    let body = rkyv::to_bytes::<rancor::Error>(manifest).map_err(|e| ManifestError::Encode(e.to_string()))?;
+    seal(key, 2, &body)
+}
+
+fn check_encodable(key: &TenantKey, manifest: &ManifestV1) -> Result<(), ManifestError> {
     if manifest.key_id != key.key_id() {
         return Err(ManifestError::Encode("the manifest's key_id is not this key's".into()));
     }
@@ -129,24 +173,28 @@ pub fn encode_manifest(key: &TenantKey, manifest: &ManifestV1) -> Result<Vec<u8>
             manifest.chunk_size
         )));
     }
-    let body = rkyv::to_bytes::<rancor::Error>(manifest).map_err(|e| ManifestError::Encode(e.to_string()))?;
+    Ok(())
+}
+
+/// The header for `body` of format `version`, then the body.
+fn seal(key: &TenantKey, version: u16, body: &[u8]) -> Result<Vec<u8>, ManifestError> {
     if body.len() as u64 > MAX_MANIFEST_BODY {
         return Err(ManifestError::Encode(format!("body of {} bytes exceeds {MAX_MANIFEST_BODY}", body.len())));
     }
     let mut out = Vec::with_capacity(MANIFEST_HEADER_LEN + body.len());
     out.extend_from_slice(&MANIFEST_MAGIC);
-    out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(MANIFEST_HEADER_LEN as u16).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes()); // flags
-    let mac = key.manifest_mac(&[&out[..24], &body]);
+    let mac = key.manifest_mac(&[&out[..24], body]);
     out.extend_from_slice(&mac);
     out.resize(92, 0); // reserved
     let header_crc = crc32fast::hash(&out[..92]);
     out.extend_from_slice(&header_crc.to_le_bytes());
     debug_assert_eq!(out.len(), MANIFEST_HEADER_LEN);
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     Ok(out)
 }
 
@@ -171,6 +219,8 @@ impl Deref for Bytes {
 pub struct Manifest {
     bytes: Bytes,
     body_len: usize,
+    /// 1 or 2 (validated).
+    version: u16,
 }
 
 impl std::fmt::Debug for Manifest {
@@ -231,7 +281,7 @@ impl Manifest {
             });
         }
         let version = u16::from_le_bytes([header[4], header[5]]);
-        if version != MANIFEST_VERSION {
+        if !(1..=MANIFEST_VERSION).contains(&version) {
             return Err(ManifestError::UnsupportedVersion { found: version });
         }
         let header_len = u16::from_le_bytes([header[6], header[7]]);
@@ -261,8 +311,22 @@ impl Manifest {
         if stored_body_crc != body_crc {
             return Err(ManifestError::ChecksumMismatch { part: "body", expected: stored_body_crc, got: body_crc });
         }
-        let archived = rkyv::access::<ArchivedManifestV1, rancor::Error>(body)
-            .map_err(|e| ManifestError::Corruption { what: format!("body fails validation: {e}") })?;
+        let invalid = |e: rancor::Error| ManifestError::Corruption { what: format!("body fails validation: {e}") };
+        let archived = match version {
+            1 => rkyv::access::<ArchivedManifestV1, rancor::Error>(body).map_err(invalid)?,
+            _ => {
+                let v2 = rkyv::access::<ArchivedManifestV2, rancor::Error>(body).map_err(invalid)?;
+                let members = &v2.group.members;
+                if !members.windows(2).all(|w| w[0].as_str() < w[1].as_str())
+                    || !members.iter().any(|m| m.as_str() == v2.base.volume.as_str())
+                {
+                    return Err(ManifestError::Corruption {
+                        what: "group members are not sorted and unique, or lack the volume".into(),
+                    });
+                }
+                &v2.base
+            }
+        };
         let chunk_size = archived.chunk_size.to_native();
         let size = archived.volume_size.to_native();
         let expected = ManifestV1::chunk_count(size, chunk_size);
@@ -274,7 +338,7 @@ impl Manifest {
                 ),
             });
         }
-        Ok(Manifest { bytes, body_len })
+        Ok(Manifest { bytes, body_len, version })
     }
 
     fn body(&self) -> &[u8] {
@@ -282,12 +346,33 @@ impl Manifest {
     }
 
     /// The validated archive.
+    /// The validated archive of the version 1 part (all of a version 1 manifest).
     pub fn archived(&self) -> &ArchivedManifestV1 {
-        // SAFETY: `validate` ran `rkyv::access` (full bytecheck validation) over exactly
-        // these bytes, which are immutable for the life of `self` (an owned buffer, or a
-        // mapping of a file that is never modified in place), and 16-byte aligned (an
-        // AlignedVec<16> or a page-aligned mapping, plus a 96-byte header).
-        unsafe { rkyv::access_unchecked::<ArchivedManifestV1>(self.body()) }
+        match self.archived_v2() {
+            Some(v2) => &v2.base,
+            // SAFETY: `validate` ran `rkyv::access` (full bytecheck validation) as a version
+            // 1 body over exactly these bytes, which are immutable for the life of `self`
+            // (an owned buffer, or a mapping of a file that is never modified in place), and
+            // 16-byte aligned (an AlignedVec<16> or a page-aligned mapping, plus a 96-byte
+            // header).
+            None => unsafe { rkyv::access_unchecked::<ArchivedManifestV1>(self.body()) },
+        }
+    }
+
+    /// The validated version 2 archive, for a version 2 manifest.
+    fn archived_v2(&self) -> Option<&ArchivedManifestV2> {
+        // SAFETY: as in `archived`: `validate` checked these bytes as a version 2 body.
+        (self.version == 2).then(|| unsafe { rkyv::access_unchecked::<ArchivedManifestV2>(self.body()) })
+    }
+
+    /// The format version (1 or 2).
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// The consistency group this snapshot belongs to: its name and every member volume.
+    pub fn group(&self) -> Option<(&str, Vec<&str>)> {
+        self.archived_v2().map(|v2| (v2.group.name.as_str(), v2.group.members.iter().map(|m| m.as_str()).collect()))
     }
 
     /// Checks that the manifest was written under `key` and not altered since.
@@ -436,6 +521,35 @@ mod tests {
             stats: StatsV1 { chunks_read: 3, zero_chunks: 1, new_chunks: 2, new_stored_bytes: 9, new_plain_bytes: 10 },
             chunks: (0..chunks).map(|i| if i % 3 == 0 { HOLE } else { [i as u8; 32] }).collect(),
         }
+    }
+
+    #[test]
+    fn group_members_are_version_2_and_carry_the_group() {
+        let key = TenantKey::from_bytes([5; 32]);
+        let group = GroupV2 { name: "shop".into(), members: vec!["db".into(), "files".into()] };
+        let m = ManifestV2 { base: sample(&key, 10), group: group.clone() };
+        let bytes = encode_group_manifest(&key, &m).unwrap();
+        let loaded = Manifest::load(&bytes, &key).unwrap();
+        assert_eq!(loaded.version(), 2);
+        assert_eq!(loaded.group(), Some(("shop", vec!["db", "files"])));
+        assert_eq!(loaded.to_owned_manifest().unwrap(), m.base);
+        assert_eq!(loaded.chunk(1), Some(ChunkRef::Data(ChunkId([1; 32]))));
+        // A single volume's snapshot stays version 1, without a group.
+        let v1 = Manifest::load(&encode_manifest(&key, &m.base).unwrap(), &key).unwrap();
+        assert_eq!((v1.version(), v1.group()), (1, None));
+        // Members must be sorted, unique and include the volume.
+        for members in [vec!["files", "db"], vec!["db", "db"], vec!["files", "logs"]] {
+            let group = GroupV2 { name: "shop".into(), members: members.iter().map(|s| (*s).to_owned()).collect() };
+            let bad = ManifestV2 { base: sample(&key, 10), group };
+            assert!(matches!(encode_group_manifest(&key, &bad), Err(ManifestError::Encode(_))), "{members:?}");
+        }
+        // The version is under the MAC: relabelled as version 1 (crcs fixed up), the body
+        // either fails validation or authentication.
+        let mut relabelled = bytes.clone();
+        relabelled[4] = 1;
+        let crc = crc32fast::hash(&relabelled[..92]);
+        relabelled[92..96].copy_from_slice(&crc.to_le_bytes());
+        assert!(Manifest::load(&relabelled, &key).is_err());
     }
 
     #[test]

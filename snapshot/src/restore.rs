@@ -433,6 +433,7 @@ mod tests {
             threads: 2,
             snapshot_id: None,
             created_unix: None,
+            group: None,
         };
         let source = FileSource::open(path).unwrap();
         let report =
@@ -479,10 +480,12 @@ mod tests {
         let manifest = snapshot(&a, &key, &path);
         snapshot(&b, &key, &path); // same chunks in b
         let victim = manifest.chunks().find_map(|c| if let ChunkRef::Data(id) = c { Some(id) } else { None }).unwrap();
-        let file = a.store().chunk_path(&victim);
-        let mut bytes = std::fs::read(&file).unwrap();
-        bytes[60] ^= 0xff;
-        std::fs::write(&file, &bytes).unwrap();
+        // Damage one byte of its frame in a's pack.
+        let at = a.store().locate(&victim).unwrap().unwrap();
+        let pack = std::fs::OpenOptions::new().read(true).write(true).open(&at.pack).unwrap();
+        let mut byte = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(&pack, &mut byte, at.offset + 60).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&pack, &[byte[0] ^ 0xff], at.offset + 60).unwrap();
 
         let mut raw = Vec::new();
         let err = export(&key, &[&a], &manifest, &mut raw, ExportFormat::Raw, 2, &|_| {}).unwrap_err();

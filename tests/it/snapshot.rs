@@ -10,7 +10,7 @@
 //!   before `create` was called.
 //! - Export → import round trip; corruption healed by verify from a vault; retention and GC.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -269,12 +269,19 @@ fn export_import_verify_heal_retention_and_gc() {
     assert!(std::fs::read(&raw).unwrap() == expected, "raw export differs");
 
     // Damage the repo: flip a byte in one chunk, delete another. Verify names and heals them.
-    let chunks = chunk_files(&daemon.dir().join("data/repo/acme/chunks"));
-    assert!(chunks.len() > 10);
-    let mut bytes = std::fs::read(&chunks[3]).unwrap();
-    bytes[50] ^= 0x40;
-    std::fs::write(&chunks[3], bytes).unwrap();
-    std::fs::remove_file(&chunks[7]).unwrap();
+    {
+        use keel_snapshot::vault::Vault as _;
+        use std::os::unix::fs::FileExt;
+        let repo = keel_snapshot::vault::LocalVault::open("local", daemon.dir().join("data/repo"), "acme").unwrap();
+        let chunks: Vec<_> = repo.list_chunks(None, usize::MAX).unwrap().into_iter().map(|c| c.id).collect();
+        assert!(chunks.len() > 10);
+        let at = repo.store().locate(&chunks[3]).unwrap().unwrap();
+        let pack = std::fs::OpenOptions::new().read(true).write(true).open(&at.pack).unwrap();
+        let mut byte = [0u8];
+        pack.read_exact_at(&mut byte, at.offset + 50).unwrap();
+        pack.write_all_at(&[byte[0] ^ 0x40], at.offset + 50).unwrap();
+        assert!(repo.store().remove(&chunks[7]).unwrap());
+    }
     let bad = keel_any(&daemon, &["snapshot", "verify", "--vault", "dc2"]);
     assert!(bad.status.success(), "dc2 is intact: {}", bad.describe());
     let healed = keel(&daemon, &["snapshot", "verify", "--json"]);
@@ -309,23 +316,6 @@ fn wrong_key_and_missing_key_are_clear_errors() {
     std::fs::remove_file(&key).unwrap();
     let out = keel_any(&daemon, &["snapshot", "list"]);
     assert!(!out.status.success() && out.combined().contains("key-init"), "{}", out.describe());
-}
-
-fn chunk_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// A node whose vaults are a real Garage (S3) and a directory: snapshots land in both; with

@@ -13,7 +13,7 @@
 //!   shows the header, the crc, the decode and the references.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,7 @@ impl Node {
             threads: 2,
             snapshot_id: None,
             created_unix: Some(self.clock.get()),
+            group: None,
         };
         self.clock.set(self.clock.get() + 3600);
         let repo = self.repo();
@@ -118,10 +119,15 @@ fn chunk_id(manifest: &Manifest, index: usize) -> ChunkId {
     }
 }
 
-fn flip_byte(path: &Path, at: usize) {
-    let mut bytes = std::fs::read(path).unwrap();
-    bytes[at] ^= 0x40;
-    std::fs::write(path, bytes).unwrap();
+/// Flips a bit of the byte `at` bytes into chunk `id`'s frame, in `vault`'s pack file.
+fn flip_chunk_byte(vault: &LocalVault, id: &ChunkId, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let location = vault.store().locate(id).unwrap().unwrap_or_else(|| panic!("chunk {id} is not stored"));
+    assert!(at < location.len, "byte {at} of a {}-byte frame", location.len);
+    let pack = std::fs::OpenOptions::new().read(true).write(true).open(&location.pack).unwrap();
+    let mut byte = [0u8];
+    pack.read_exact_at(&mut byte, location.offset + at).unwrap();
+    pack.write_all_at(&[byte[0] ^ 0x40], location.offset + at).unwrap();
 }
 
 /// 128 chunks and a 4 KiB tail: random data, a 1 MiB hole at chunks 16-31 and one at
@@ -243,7 +249,7 @@ fn a_served_snapshot_reads_back_bit_exact_shows_its_holes_and_refuses_writes() {
     let snapshot = format!("db/{}", manifest.snapshot_id());
     // Chunk 40 is corrupt in the repo: it must come from dc2.
     let bad = chunk_id(&manifest, 40);
-    flip_byte(&node.repo().store().chunk_path(&bad), 200);
+    flip_chunk_byte(&node.repo(), &bad, 200);
 
     let served = Served::start(&node, &snapshot, &export, "serve.log");
     let dir = node.daemon.dir();
@@ -268,7 +274,7 @@ fn a_served_snapshot_reads_back_bit_exact_shows_its_holes_and_refuses_writes() {
     served.stop();
 
     // Now bad in every vault: the read fails with EIO naming the chunk; the server goes on.
-    std::fs::remove_file(node.dc2().store().chunk_path(&bad)).unwrap();
+    assert!(node.dc2().store().remove(&bad).unwrap());
     let served = Served::start(&node, &snapshot, &export, "serve-broken.log");
     let failed = run(Command::new("nbdcopy").arg(&served.uri).arg(dir.join("broken.raw")), TIMEOUT).unwrap();
     assert!(!failed.status.success(), "nbdcopy read a chunk no vault holds: {}", failed.describe());
@@ -368,7 +374,13 @@ fn keel_inspect_repo_and_chunk_report_a_healthy_repo_then_name_each_problem() {
     assert!((dedup["ratio"].as_f64().unwrap() - expected).abs() < 1e-9, "{report:#}");
     // Random data does not compress: stored = plaintext.
     assert_eq!(ratio(&report, "compression")["ratio"], 1.0, "{report:#}");
-    assert_eq!(report["store"]["chunk_files"], distinct + 1, "{report:#}");
+    assert_eq!(report["store"]["chunks"], distinct + 1, "{report:#}");
+    // One open wrote each snapshot (and the orphan): a pack each, nothing dead or orphaned.
+    assert_eq!(report["packs"]["packs"], 4, "{report:#}");
+    assert_eq!(report["packs"]["orphan_packs"], 0, "{report:#}");
+    assert!(report["packs"]["damaged_index_logs"].as_array().unwrap().is_empty(), "{report:#}");
+    let live = report["packs"]["live_bytes"].as_u64().unwrap();
+    assert!(live >= report["store"]["encoded_bytes"].as_u64().unwrap(), "{report:#}");
     assert_eq!(ids(&report["orphaned"]), [orphan.to_string().as_str()], "{report:#}");
     assert_eq!(report["missing"]["count"], 0, "{report:#}");
     assert_eq!(report["corrupt_chunks"]["count"], 0, "{report:#}");
@@ -418,8 +430,8 @@ fn keel_inspect_repo_and_chunk_report_a_healthy_repo_then_name_each_problem() {
     // too), and drop a garbage manifest in.
     let flipped = chunk_id(&manifest1, 1);
     let deleted = chunk_id(&manifest1, 5);
-    flip_byte(&node.repo().store().chunk_path(&flipped), 300);
-    std::fs::remove_file(node.repo().store().chunk_path(&deleted)).unwrap();
+    flip_chunk_byte(&node.repo(), &flipped, 300);
+    assert!(node.repo().store().remove(&deleted).unwrap());
     let garbage = "snapshots/db/20990101T000000Z-deadbeef.kman";
     node.repo().put_object(garbage, b"not a manifest").unwrap();
 

@@ -3,7 +3,9 @@
 //! the same suite.
 //!
 //! Each check takes handles on tenant areas that are empty when it starts, and panics with
-//! the vault's name and what differed.
+//! the vault's name and what differed. Checks call [`Vault::sync`] after chunk puts before
+//! they read, list or delete those chunks, as the contract asks (a deferring backend, such
+//! as the `keel vault` server, shows a chunk only after it).
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,6 +23,7 @@ pub fn check_all(open: OpenTenant<'_>) {
     objects(&*open("conformance-objects"));
     bad_input(&*open("conformance-bad-input"));
     tenants_are_separate(&*open("conformance-tenant-a"), &*open("conformance-tenant-b"));
+    synced_chunks_reach_a_fresh_handle(open, "conformance-durable");
 }
 
 /// `count` distinct encoded chunks, sorted by id.
@@ -49,6 +52,8 @@ pub fn chunks(vault: &dyn Vault) {
         assert_eq!(vault.put_chunk(id, frame).unwrap(), Put::Written, "{name}: first put of {id}");
         assert_eq!(vault.put_chunk(id, frame).unwrap(), Put::AlreadyPresent, "{name}: second put of {id}");
     }
+    vault.sync().unwrap();
+    vault.sync().unwrap();
     for (id, frame) in &chunks {
         assert_eq!(&vault.get_chunk(id).unwrap(), frame, "{name}: get {id}");
         assert!(vault.has_chunk(id).unwrap(), "{name}: has {id}");
@@ -69,6 +74,7 @@ pub fn chunks(vault: &dyn Vault) {
     assert!(!vault.has_chunk(&chunks[1].0).unwrap(), "{name}: has a deleted chunk");
     // A deleted chunk can be stored again.
     assert_eq!(vault.put_chunk(&chunks[1].0, &chunks[1].1).unwrap(), Put::Written, "{name}: put after delete");
+    vault.sync().unwrap();
     assert_eq!(vault.get_chunk(&chunks[1].0).unwrap(), chunks[1].1, "{name}: get after put after delete");
 }
 
@@ -81,6 +87,7 @@ pub fn chunk_listing(vault: &dyn Vault) {
     for (id, frame) in &chunks {
         vault.put_chunk(id, frame).unwrap();
     }
+    vault.sync().unwrap();
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
     let started = now_secs();
 
@@ -226,6 +233,7 @@ pub fn tenants_are_separate(a: &dyn Vault, b: &dyn Vault) {
     for (id, frame) in &chunks {
         a.put_chunk(id, frame).unwrap();
     }
+    a.sync().unwrap();
     a.put_object("uploads/x", b"tenant a").unwrap();
     for (id, _) in &chunks {
         assert!(!b.has_chunk(id).unwrap(), "{name}: tenant b has a's chunk {id}");
@@ -240,10 +248,39 @@ pub fn tenants_are_separate(a: &dyn Vault, b: &dyn Vault) {
 
     // The same id and key in b are b's own; a's copies are untouched.
     assert_eq!(b.put_chunk(&chunks[0].0, &chunks[0].1).unwrap(), Put::Written, "{name}: b stores its own copy");
+    b.sync().unwrap();
     b.put_object("uploads/x", b"tenant b").unwrap();
     assert_eq!(a.get_object("uploads/x").unwrap(), b"tenant a", "{name}: a's object after b's put");
     assert_eq!(b.get_object("uploads/x").unwrap(), b"tenant b", "{name}: b's object");
     assert!(b.delete_chunk(&chunks[0].0).unwrap());
     assert!(a.has_chunk(&chunks[0].0).unwrap(), "{name}: b's delete removed a's chunk");
     assert_eq!(a.list_chunks(None, 100).unwrap().len(), 3, "{name}: a's chunks after b's delete");
+}
+
+/// Chunks put and synced through one handle are there for a handle opened afterwards
+/// (for a remote vault: another connection), in full and in the listing; and a manifest
+/// written after the sync names only chunks the fresh handle reads.
+pub fn synced_chunks_reach_a_fresh_handle(open: OpenTenant<'_>, tenant: &str) {
+    let chunks = sample_chunks(5, 12);
+    let manifest = keys::manifest("db", "db-20261201-0700-ef56");
+    let name = {
+        let writer = open(tenant);
+        for (id, frame) in &chunks {
+            assert_eq!(writer.put_chunk(id, frame).unwrap(), Put::Written, "{}: put {id}", writer.name());
+        }
+        writer.sync().unwrap();
+        writer.put_object(&manifest, b"names every chunk").unwrap();
+        writer.name().to_owned()
+    };
+    let reader = open(tenant);
+    for (id, frame) in &chunks {
+        assert_eq!(&reader.get_chunk(id).unwrap(), frame, "{name}: a fresh handle reads {id}");
+    }
+    let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+    assert_eq!(reader.has_chunks(&ids).unwrap(), vec![true; ids.len()], "{name}: a fresh handle's has_chunks");
+    let listed: Vec<ChunkId> = reader.list_chunks(None, 100).unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(listed, ids, "{name}: a fresh handle's listing");
+    assert_eq!(reader.get_object(&manifest).unwrap(), b"names every chunk", "{name}: the manifest");
+    // Syncing with nothing put is fine.
+    reader.sync().unwrap();
 }

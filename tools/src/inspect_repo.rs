@@ -1,5 +1,5 @@
 //! `keel-inspect repo` and `keel-inspect chunk`: read a snapshot repository (a local vault
-//! directory, `<dir>/<tenant>/{chunks,objects}`) offline and say what is in it and what is
+//! directory, `<dir>/<tenant>/{packs,objects}`) offline and say what is in it and what is
 //! wrong with it.
 //!
 //! `repo` works in three passes, with memory bounded by the number of distinct chunks:
@@ -10,22 +10,25 @@
 //!    nothing is kept per snapshot but its row of the table.
 //! 2. The chunk store is listed in id order and merged with the sorted array: a stored id
 //!    that no manifest names is *orphaned*, a referenced id that is not stored is
-//!    *missing*. Every chunk file is read and its frame checked without the key
+//!    *missing*. Every chunk is read from its pack and its frame checked without the key
 //!    ([`check_frame`]: length, magic, version, crc, header); the header's lengths give the
-//!    plaintext and stored sizes behind the ratios.
+//!    plaintext and stored sizes behind the ratios. The packs themselves are counted too:
+//!    live and dead bytes (what `keel snapshot gc` would give back), orphaned packs, and
+//!    index logs that show damage.
 //! 3. Only when chunks are missing or corrupt: the manifests are scanned again for those
 //!    ids (at most [`LIST_MAX`] of each kind), to name the snapshots and offsets that need
 //!    them.
 //!
-//! `chunk` shows one chunk: its frame header, whether its crc holds, with a key whether it
-//! decodes and re-hashes to its id, and which snapshots reference it at which offsets.
+//! `chunk` shows one chunk: the pack and offset it is stored at, its frame header, whether
+//! its crc holds, with a key whether it decodes and re-hashes to its id, and which
+//! snapshots reference it at which offsets.
 //!
 //! Like `keel-inspect volume`, nothing is locked: on a live repo a concurrent upload's
 //! chunks show as orphaned until its manifest lands (the report lists uploads in progress).
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use keel_snapshot::create::{utc_display, Progress};
@@ -58,7 +61,7 @@ pub fn open_repo(dir: &Path, tenant: &str) -> Result<LocalVault> {
         let mut tenants: Vec<String> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read the repository {}", dir.display()))?
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("chunks").is_dir() || e.path().join("objects").is_dir())
+            .filter(|e| e.path().join("packs").is_dir() || e.path().join("objects").is_dir())
             .filter_map(|e| e.file_name().to_str().map(str::to_owned))
             .collect();
         tenants.sort();
@@ -89,6 +92,8 @@ pub struct RepoReport {
     pub volumes: Vec<VolumeRows>,
     /// The chunk store.
     pub store: StoreTotals,
+    /// The pack files the chunks are stored in.
+    pub packs: PackTotals,
     /// What the snapshots reference.
     pub referenced: ReferencedTotals,
     /// Deduplication, compression and overall ratios, each with its definition.
@@ -97,7 +102,7 @@ pub struct RepoReport {
     pub orphaned: ChunkList,
     /// Referenced chunks that are not stored.
     pub missing: ChunkList,
-    /// Chunk files whose frame fails its checks (referenced or not).
+    /// Chunks whose frame fails its checks or cannot be read (referenced or not).
     pub corrupt_chunks: ChunkList,
     /// Manifests that fail to load, with the error.
     pub corrupt_manifests: Vec<BadManifest>,
@@ -155,11 +160,11 @@ pub struct SnapshotRow {
 /// The chunk store's totals.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StoreTotals {
-    /// Chunk files.
-    pub chunk_files: u64,
-    /// Their size on disk (encoded frames).
+    /// Chunks stored (and read).
+    pub chunks: u64,
+    /// Their encoded frames' size.
     pub encoded_bytes: u64,
-    /// Files whose frame passes [`check_frame`].
+    /// Chunks whose frame passes [`check_frame`].
     pub valid_frames: u64,
     /// Valid frames whose payload is zstd-compressed.
     pub compressed_frames: u64,
@@ -167,6 +172,31 @@ pub struct StoreTotals {
     pub plaintext_bytes: u64,
     /// Sum of `stored_len` (the payload, before frame overhead) over valid frames.
     pub stored_bytes: u64,
+}
+
+/// The packs (docs/format-chunk.md, "Local chunk store").
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PackTotals {
+    /// Pack files with an index log.
+    pub packs: u64,
+    /// Their size on disk.
+    pub pack_bytes: u64,
+    /// Bytes of chunks the store serves (frames and their ids).
+    pub live_bytes: u64,
+    /// Bytes of removed chunks, unsynced writes and headers: what reclaiming (at the end
+    /// of a complete `keel snapshot gc`) gives back, once the packs are not being written.
+    pub dead_bytes: u64,
+    /// Size of the index logs.
+    pub index_log_bytes: u64,
+    /// Chunks stored twice (two processes stored one at once); harmless.
+    pub extra_copies: u64,
+    /// Pack files no index record names (a writer that crashed before its first sync, or
+    /// one writing right now); deleted by GC once old.
+    pub orphan_packs: u64,
+    /// Their size.
+    pub orphan_bytes: u64,
+    /// Index logs that show damage (records may be lost), with what is wrong.
+    pub damaged_index_logs: Vec<String>,
 }
 
 /// What the manifests reference.
@@ -182,7 +212,7 @@ pub struct ReferencedTotals {
     pub distinct_present: u64,
     /// Sum of `plaintext_len` over those.
     pub distinct_plaintext_bytes: u64,
-    /// Sum of their file sizes.
+    /// Sum of their frame sizes.
     pub distinct_encoded_bytes: u64,
 }
 
@@ -208,7 +238,7 @@ pub struct ChunkList {
     pub count: u64,
     /// How many of them a manifest references.
     pub referenced: u64,
-    /// Their file sizes (0 for missing chunks).
+    /// Their frame sizes (0 for missing chunks).
     pub bytes: u64,
     /// The first [`LIST_MAX`], in id order.
     pub chunks: Vec<ChunkProblem>,
@@ -218,7 +248,7 @@ impl ChunkList {
     fn push(&mut self, problem: ChunkProblem) {
         self.count += 1;
         self.referenced += u64::from(problem.referenced);
-        self.bytes += problem.file_bytes;
+        self.bytes += problem.frame_bytes;
         if self.chunks.len() < LIST_MAX {
             self.chunks.push(problem);
         }
@@ -230,8 +260,8 @@ impl ChunkList {
 pub struct ChunkProblem {
     /// The chunk id.
     pub id: String,
-    /// File size (0 when missing).
-    pub file_bytes: u64,
+    /// Frame size (0 when missing).
+    pub frame_bytes: u64,
     /// Whether a manifest references it.
     pub referenced: bool,
     /// What is wrong with the frame (corrupt chunks).
@@ -365,13 +395,13 @@ pub fn repo_report(
                     }
                     continue;
                 }
-                // One unreadable file is a finding, not the end of the report.
+                // One unreadable chunk is a finding, not the end of the report.
                 Err(e) => {
                     corrupt_chunks.push(problem(entry.id, entry.len, is_referenced, Some(format!("cannot read: {e}"))));
                     continue;
                 }
             };
-            store.chunk_files += 1;
+            store.chunks += 1;
             store.encoded_bytes += frame.len() as u64;
             let header = match check_frame(&frame) {
                 Ok(()) => frame_header(&frame),
@@ -399,7 +429,7 @@ pub fn repo_report(
                 }
             }
         }
-        progress(Progress { done: store.chunk_files, total: 0 });
+        progress(Progress { done: store.chunks, total: 0 });
     }
     for id in referenced.get(next_referenced..).unwrap_or_default() {
         missing.push(problem(ChunkId(*id), 0, true, None));
@@ -420,6 +450,19 @@ pub fn repo_report(
         }
     }
 
+    let stats = vault.store().stats().context("failed to count the packs")?;
+    let packs = PackTotals {
+        packs: stats.packs,
+        pack_bytes: stats.pack_bytes,
+        live_bytes: stats.live_bytes,
+        dead_bytes: stats.dead_bytes,
+        index_log_bytes: stats.index_log_bytes,
+        extra_copies: stats.extra_copies,
+        orphan_packs: stats.orphan_packs,
+        orphan_bytes: stats.orphan_bytes,
+        damaged_index_logs: stats.damaged_logs,
+    };
+
     let ok = missing.count == 0 && corrupt_chunks.referenced == 0 && corrupt_manifests.is_empty();
     let uploads = vault.list_objects(keys::UPLOADS).context("failed to list uploads in progress")?;
     let ratios = ratios(&store, &totals, missing.count + corrupt_chunks.referenced);
@@ -438,6 +481,7 @@ pub fn repo_report(
         authenticated: key.is_some(),
         volumes,
         store,
+        packs,
         referenced: totals,
         ratios,
         orphaned,
@@ -449,8 +493,8 @@ pub fn repo_report(
     })
 }
 
-fn problem(id: ChunkId, file_bytes: u64, referenced: bool, error: Option<String>) -> ChunkProblem {
-    ChunkProblem { id: id.to_string(), file_bytes, referenced, error, referenced_by: Vec::new(), snapshots: 0 }
+fn problem(id: ChunkId, frame_bytes: u64, referenced: bool, error: Option<String>) -> ChunkProblem {
+    ChunkProblem { id: id.to_string(), frame_bytes, referenced, error, referenced_by: Vec::new(), snapshots: 0 }
 }
 
 fn snapshot_row(key: &str, m: &Manifest) -> SnapshotRow {
@@ -508,8 +552,9 @@ fn ratios(store: &StoreTotals, totals: &ReferencedTotals, unreadable: u64) -> Ve
             ratio: ratio(totals.logical_data_bytes, store.encoded_bytes),
             numerator_bytes: totals.logical_data_bytes,
             denominator_bytes: store.encoded_bytes,
-            meaning: "non-hole bytes of all snapshots / bytes of every chunk file on disk (frames with \
-                      overhead, orphans included): what the repository saves against full raw copies"
+            meaning: "non-hole bytes of all snapshots / bytes of every stored chunk frame (with \
+                      overhead, orphans included; pack dead bytes excluded): what the repository saves against \
+                      full raw copies"
                 .into(),
         },
     ]
@@ -628,13 +673,32 @@ pub fn render_repo(r: &RepoReport) -> String {
     let s = &r.store;
     let _ = writeln!(
         out,
-        "\nchunk store: {} chunk files, {} encoded; {} valid frames ({} compressed), {} corrupt",
-        s.chunk_files,
+        "\nchunk store: {} chunks, {} encoded; {} valid frames ({} compressed), {} corrupt",
+        s.chunks,
         format_size(s.encoded_bytes),
         s.valid_frames,
         s.compressed_frames,
-        s.chunk_files - s.valid_frames
+        s.chunks - s.valid_frames
     );
+    let p = &r.packs;
+    let _ = writeln!(
+        out,
+        "packs:       {} packs, {} ({} live, {} dead: given back by a complete gc); {} index logs; \
+         {} orphaned packs ({})",
+        p.packs,
+        format_size(p.pack_bytes),
+        format_size(p.live_bytes),
+        format_size(p.dead_bytes),
+        format_size(p.index_log_bytes),
+        p.orphan_packs,
+        format_size(p.orphan_bytes),
+    );
+    if p.extra_copies > 0 {
+        let _ = writeln!(out, "             {} chunks stored twice (harmless)", p.extra_copies);
+    }
+    for damage in &p.damaged_index_logs {
+        let _ = writeln!(out, "             DAMAGED index log {damage}");
+    }
     let t = &r.referenced;
     let _ = writeln!(
         out,
@@ -709,8 +773,8 @@ fn render_list(out: &mut String, list: &ChunkList, title: &str, meaning: &str) {
     let _ = writeln!(out, "\n{title}: {} ({}) — {meaning}", list.count, format_size(list.bytes));
     for c in &list.chunks {
         let mut line = format!("  {}", c.id);
-        if c.file_bytes > 0 {
-            let _ = write!(line, "  {}", format_size(c.file_bytes));
+        if c.frame_bytes > 0 {
+            let _ = write!(line, "  {}", format_size(c.frame_bytes));
         }
         if let Some(error) = &c.error {
             let _ = write!(line, "  {}: {error}", if c.referenced { "referenced" } else { "orphaned" });
@@ -791,12 +855,16 @@ pub fn frame_header(frame: &[u8]) -> Result<FrameHeader, String> {
 pub struct ChunkReport {
     /// The chunk id.
     pub id: String,
-    /// Where its file is (or would be).
-    pub path: String,
-    /// Whether the file exists.
+    /// The pack it is stored in.
+    pub pack: Option<String>,
+    /// Offset of its frame in the pack.
+    pub offset: Option<u64>,
+    /// Whether the store holds it.
     pub present: bool,
-    /// File size.
-    pub file_bytes: Option<u64>,
+    /// Frame size.
+    pub frame_bytes: Option<u64>,
+    /// Why its frame could not be read from the pack, when it could not.
+    pub read_error: Option<String>,
     /// Header fields, when there is a header to read.
     pub header: Option<FrameHeader>,
     /// The crc trailer: stored and computed.
@@ -811,7 +879,7 @@ pub struct ChunkReport {
     pub referenced_by: Vec<Reference>,
     /// Manifests skipped because they do not load.
     pub unreadable_manifests: Vec<BadManifest>,
-    /// True when present, well-formed and (with a key) decoding to its id.
+    /// True when present, readable, well-formed and (with a key) decoding to its id.
     pub ok: bool,
 }
 
@@ -860,11 +928,14 @@ pub fn chunk(id: &str, dir: &Path, tenant: &str, key_file: Option<&Path>, as_jso
 
 /// Builds the report on chunk `id` of `vault`.
 pub fn chunk_report(vault: &LocalVault, id: &ChunkId, key: Option<&TenantKey>) -> Result<ChunkReport> {
-    let path: PathBuf = vault.store().chunk_path(id);
-    let frame = match std::fs::read(&path) {
-        Ok(frame) => Some(frame),
-        Err(e) if e.kind() == ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("failed to read {}", path.display())),
+    let location = vault.store().locate(id).context("failed to look the chunk up")?;
+    let (frame, read_error) = match &location {
+        None => (None, None),
+        Some(_) => match vault.get_chunk(id) {
+            Ok(frame) => (Some(frame), None),
+            Err(e) if e.is_not_found() => (None, None), // removed meanwhile
+            Err(e) => (None, Some(e.to_string())),
+        },
     };
     let manifests = manifest_keys(vault, None).context("failed to list the manifests")?;
     let mut unreadable_manifests = Vec::new();
@@ -876,9 +947,11 @@ pub fn chunk_report(vault: &LocalVault, id: &ChunkId, key: Option<&TenantKey>) -
     let (referenced_by, _) = find_references(vault, key, &manifests, &[*id], usize::MAX).remove(id).unwrap_or_default();
     let mut report = ChunkReport {
         id: id.to_string(),
-        path: path.display().to_string(),
-        present: frame.is_some(),
-        file_bytes: frame.as_ref().map(|f| f.len() as u64),
+        pack: location.as_ref().map(|l| l.pack.display().to_string()),
+        offset: location.as_ref().map(|l| l.offset),
+        present: frame.is_some() || read_error.is_some(),
+        frame_bytes: location.as_ref().map(|l| l.len),
+        read_error,
         header: None,
         crc: None,
         frame_ok: false,
@@ -926,13 +999,16 @@ pub fn render_chunk(r: &ChunkReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "chunk       {}", r.id);
-    match r.file_bytes {
-        Some(len) => {
-            let _ = writeln!(out, "file        {} ({len} bytes)", r.path);
+    match (&r.pack, r.offset, r.frame_bytes) {
+        (Some(pack), Some(offset), Some(len)) if r.present => {
+            let _ = writeln!(out, "stored      in {pack} at offset {offset} ({len} bytes)");
         }
-        None => {
-            let _ = writeln!(out, "file        {}: MISSING (not in the store)", r.path);
+        _ => {
+            let _ = writeln!(out, "stored      MISSING (not in the store)");
         }
+    }
+    if let Some(e) = &r.read_error {
+        let _ = writeln!(out, "read        FAILED: {e}");
     }
     if let Some(h) = &r.header {
         let _ = writeln!(
@@ -945,14 +1021,14 @@ pub fn render_chunk(r: &ChunkReport) -> String {
             h.stored_len
         );
         let _ = writeln!(out, "nonce       {}", h.nonce);
-    } else if r.present {
+    } else if r.present && r.read_error.is_none() {
         let _ = writeln!(out, "header      unreadable (not a chunk frame)");
     }
     if let Some(crc) = &r.crc {
         let verdict = if crc.ok { "ok" } else { "MISMATCH" };
         let _ = writeln!(out, "crc         {verdict} (stored {:#010x}, computed {:#010x})", crc.stored, crc.computed);
     }
-    if r.present {
+    if r.present && r.read_error.is_none() {
         match &r.frame_error {
             None => {
                 let _ = writeln!(out, "frame       ok (length, magic, version, crc, header)");

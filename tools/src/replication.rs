@@ -21,7 +21,7 @@ use keel_net::CancellationToken;
 use crate::config::{nbd_unix_uri, NodeConfig, VolumeConfig};
 use crate::control::{ControlHandler, ControlRequest, ControlResponse};
 use crate::daemon::absolute;
-use crate::snapshot::{ScheduledJob, TakeOn};
+use crate::snapshot::{GroupJob, ScheduledJob, TakeOn};
 
 /// Default hook timeout.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -207,11 +207,29 @@ impl Control {
     /// What the snapshot scheduler does with each volume now: unreplicated ones are taken
     /// here; replicated ones as `[snapshots] take_on` and the pair's state say
     /// ([`ScheduledJob::for_replicated`]).
+    ///
+    /// The members of a consistency group are taken as one job, where all of them are
+    /// writable ([`GroupJob::find`]); never one by one.
     pub fn snapshot_volumes(&self) -> Vec<ScheduledJob> {
         let take_on = self.snapshots.as_ref().map_or_else(TakeOn::default, |runner| runner.repo.take_on);
-        let mut out: Vec<ScheduledJob> = self.single.iter().cloned().map(ScheduledJob::Local).collect();
+        let groups = self.snapshots.as_ref().map(|runner| runner.repo.groups.as_slice()).unwrap_or_default();
+        let grouped = |name: &str| groups.iter().any(|g| g.volumes.iter().any(|v| v == name));
+        let mut out: Vec<ScheduledJob> =
+            self.single.iter().filter(|v| !grouped(v.name())).cloned().map(ScheduledJob::Local).collect();
         if let Some(ctx) = &self.ctx {
-            out.extend(ctx.volumes.values().filter_map(|rv| ScheduledJob::for_replicated(rv, take_on)));
+            out.extend(
+                ctx.volumes
+                    .values()
+                    .filter(|rv| !grouped(rv.name()))
+                    .filter_map(|rv| ScheduledJob::for_replicated(rv, take_on)),
+            );
+        }
+        for group in groups {
+            match GroupJob::find(group, &self.single, self.ctx.as_ref().map(|c| &c.volumes)) {
+                Ok(Some(job)) => out.push(ScheduledJob::Group(job)),
+                Ok(None) => {}
+                Err(reason) => tracing::warn!("scheduled snapshot not taken: {reason}"),
+            }
         }
         out
     }
@@ -225,6 +243,9 @@ impl Control {
                 message: "snapshots are not set up on this node: no tenant key (`keel snapshot key-init`)".into(),
             };
         };
+        if let Some(group) = runner.repo.group(&volume).cloned() {
+            return self.snapshot_group(runner, &group, marker).await;
+        }
         let replicated = self.ctx.as_ref().and_then(|c| c.volumes.get(&volume)).cloned();
         let taken = match replicated {
             Some(rv) if rv.role() == Role::Standby => {
@@ -263,6 +284,43 @@ impl Control {
 }
 
 impl Control {
+    /// `keel snapshot create GROUP`: every member must be writable on this node.
+    async fn snapshot_group(
+        &self,
+        runner: Arc<crate::snapshot::Runner>,
+        group: &crate::snapshot::GroupConfig,
+        marker: Option<String>,
+    ) -> ControlResponse {
+        let job = match GroupJob::find(group, &self.single, self.ctx.as_ref().map(|c| &c.volumes)) {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                return ControlResponse::Refused {
+                    message: format!(
+                        "group {}: a member is a standby on this node; a group is snapshotted on its primary",
+                        group.name
+                    ),
+                }
+            }
+            Err(message) => return ControlResponse::Refused { message },
+        };
+        for rv in &job.replicated {
+            if let Err(e) = rv.check_writable() {
+                return ControlResponse::Refused { message: format!("group {}: {e}", group.name) };
+            }
+        }
+        let marker = marker.unwrap_or_else(|| "manual".into());
+        let name = group.name.clone();
+        let taken = tokio::task::spawn_blocking(move || runner.snapshot_group(&job.group, &job.volumes, &marker)).await;
+        match taken {
+            Ok(Ok(details)) => ControlResponse::Done {
+                message: format!("snapshot {} of group {name} taken", details["snapshot"].as_str().unwrap_or("?")),
+                details,
+            },
+            Ok(Err(e)) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e:#}") },
+            Err(e) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e}") },
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
         let mut volumes: Vec<serde_json::Value> = match &self.ctx {
             Some(ctx) => node::status(ctx)["volumes"].as_array().cloned().unwrap_or_default(),

@@ -26,8 +26,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::NodeConfig;
 use crate::units::parse_size;
 
+mod group;
 mod standby;
-pub use standby::{ScheduledJob, TakeOn, STANDBY_CLAIM_GRACE};
+pub use group::{GroupConfig, GroupMember};
+pub use standby::{GroupJob, ScheduledJob, TakeOn, STANDBY_CLAIM_GRACE};
 
 /// The default chunk size. 64 KiB matches the change map's regions, so an incremental
 /// reads exactly the regions written; docs/snapshots.md has the measurement behind it.
@@ -78,6 +80,9 @@ pub struct SnapshotsConfig {
     /// The vaults (`[[snapshots.vault]]`).
     #[serde(default, rename = "vault")]
     pub vaults: Vec<VaultConfig>,
+    /// Consistency groups (`[[snapshots.group]]`): volumes always snapshotted together.
+    #[serde(default, rename = "group", skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupConfig>,
 }
 
 fn default_tenant() -> String {
@@ -236,6 +241,8 @@ pub struct Repo {
     pub timezone: TimeZone,
     /// Which node of a replicated pair takes scheduled snapshots.
     pub take_on: TakeOn,
+    /// Consistency groups, validated ([`group::validate`]).
+    pub groups: Vec<GroupConfig>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -260,6 +267,7 @@ pub fn section(config: &NodeConfig) -> SnapshotsConfig {
         min_copies: default_min_copies(),
         take_on: TakeOn::default(),
         vaults: Vec::new(),
+        groups: Vec::new(),
     })
 }
 
@@ -340,6 +348,7 @@ impl Repo {
             schedule,
             timezone,
             take_on: section.take_on,
+            groups: group::validate(&section.groups)?,
         })
     }
 
@@ -391,6 +400,17 @@ impl Repo {
         frozen: &Frozen,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<CreateReport> {
+        self.take_frozen_as(volume, frozen, None, progress)
+    }
+
+    /// [`Repo::take_frozen`], as a member of a consistency group's snapshot when `member`.
+    pub fn take_frozen_as(
+        &self,
+        volume: &str,
+        frozen: &Frozen,
+        member: Option<&GroupMember>,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<CreateReport> {
         let parent = self.parent_for(volume)?;
         let changed = match &parent {
             None => Changed::All("there is no earlier snapshot of this volume in the repo".into()),
@@ -415,8 +435,9 @@ impl Repo {
             chunk_size: self.chunk_size,
             zstd_level: self.zstd_level,
             threads: self.threads,
-            snapshot_id: None,
-            created_unix: None,
+            snapshot_id: member.map(|m| m.snapshot_id.clone()),
+            created_unix: member.map(|m| m.created_unix),
+            group: member.map(|m| m.group.clone()),
         };
         let source = FrozenSource(frozen);
         let report = create::create_snapshot(
@@ -489,42 +510,65 @@ impl Repo {
     /// Applies the retention policy to `volume` in `vault`: returns the decisions (and
     /// removes the snapshots it does not keep unless `dry_run`). Snapshots that are not
     /// yet safe (fewer than `min_copies` vault copies) are protected in the repo.
+    ///
+    /// A volume in a consistency group is decided with its whole group: the policy runs
+    /// over the group's snapshots (one per snapshot id, whichever members have it), and a
+    /// decision applies to every member's manifest of that id, so a group snapshot is
+    /// kept or removed whole. It is protected while any member is not yet safe.
     pub fn apply_retention(&self, vault: &dyn Vault, volume: &str, dry_run: bool) -> Result<Vec<RetentionLine>> {
         let Some(policy) = &self.retention else {
             bail!("no [snapshots.retention] policy is configured");
         };
-        let (listed, bad) = maintain::list_snapshots(vault, Some(volume), Some(&self.key))?;
-        if let Some(e) = bad.first() {
-            bail!("refusing to apply retention while a manifest is unreadable ({e}); run `keel snapshot verify`");
-        }
         let is_repo = vault.name() == self.local.name();
-        let mut protected = Vec::new();
-        for l in &listed {
-            let unsafe_yet = is_repo
-                && self.copies(&l.key).iter().filter(|(_, held)| matches!(held, Ok(true))).count()
-                    < self.min_copies.min(self.vaults.len());
-            protected.push(unsafe_yet);
+        // Snapshot id → (time, protected, manifest keys), for every volume of the scope.
+        let mut units: std::collections::BTreeMap<String, (i64, bool, Vec<String>)> = Default::default();
+        for member in self.retention_scope(volume) {
+            let (listed, bad) = maintain::list_snapshots(vault, Some(&member), Some(&self.key))?;
+            if let Some(e) = bad.first() {
+                bail!("refusing to apply retention while a manifest is unreadable ({e}); run `keel snapshot verify`");
+            }
+            for l in &listed {
+                let unsafe_yet = is_repo
+                    && self.copies(&l.key).iter().filter(|(_, held)| matches!(held, Ok(true))).count()
+                        < self.min_copies.min(self.vaults.len());
+                let unit = units.entry(l.manifest.snapshot_id().to_owned()).or_insert((
+                    l.manifest.created_unix(),
+                    false,
+                    Vec::new(),
+                ));
+                unit.1 |= unsafe_yet;
+                unit.2.push(l.key.clone());
+            }
         }
-        let infos: Vec<SnapshotInfo<'_>> = listed
+        let infos: Vec<SnapshotInfo<'_>> = units
             .iter()
-            .zip(&protected)
-            .map(|(l, &p)| SnapshotInfo {
-                id: l.manifest.snapshot_id(),
-                time: l.manifest.created_unix(),
-                protected: p,
-                complete: true,
-            })
+            .map(|(id, (time, protected, _))| SnapshotInfo { id, time: *time, protected: *protected, complete: true })
             .collect();
         let decisions = policy.apply(&infos, keel_snapshot::lease::now_unix(), &self.timezone);
         let mut lines = Vec::new();
         for d in decisions {
-            let key = keel_snapshot::vault::keys::manifest(volume, d.id);
-            if !d.keep && !dry_run {
-                maintain::forget(vault, &key)?;
+            for key in units.get(d.id).map(|u| u.2.as_slice()).unwrap_or_default() {
+                if !d.keep && !dry_run {
+                    maintain::forget(vault, key)?;
+                }
+                lines.push(RetentionLine {
+                    vault: vault.name().to_owned(),
+                    line: d.to_string(),
+                    keep: d.keep,
+                    key: key.clone(),
+                });
             }
-            lines.push(RetentionLine { vault: vault.name().to_owned(), line: d.to_string(), keep: d.keep, key });
         }
         Ok(lines)
+    }
+
+    /// The volumes whose snapshots retention decides together with `volume`'s: its
+    /// consistency group's members, or itself.
+    pub fn retention_scope(&self, volume: &str) -> Vec<String> {
+        match self.group_of(volume) {
+            Some(group) => group.volumes.clone(),
+            None => vec![volume.to_owned()],
+        }
     }
 
     /// Retention on the repo and every reachable vault, then GC where something was removed.
@@ -620,15 +664,31 @@ impl Runner {
         taken: Result<CreateReport>,
         started: std::time::Instant,
     ) -> Result<serde_json::Value> {
-        let report = match taken {
-            Ok(report) => report,
-            Err(e) => {
-                self.events.emit(Some(name), "snapshot", serde_json::json!({ "ok": false, "error": format!("{e:#}") }));
-                return Err(e);
-            }
-        };
-        let took = started.elapsed();
-        let summary = serde_json::json!({
+        let report = self.taken_or_reported(name, taken)?;
+        let mut summary = self.report_taken(name, &report, started.elapsed(), None);
+        let (copies, retention) = self.copy_and_retain(&[name]);
+        summary["copies"] = serde_json::json!(copies);
+        summary["retention"] = serde_json::json!(retention);
+        Ok(summary)
+    }
+
+    /// The report, or the failure reported as a `snapshot` event of `name`.
+    fn taken_or_reported(&self, name: &str, taken: Result<CreateReport>) -> Result<CreateReport> {
+        taken.inspect_err(|e| {
+            self.events.emit(Some(name), "snapshot", serde_json::json!({ "ok": false, "error": format!("{e:#}") }));
+        })
+    }
+
+    /// The `snapshot` event of a snapshot of `name` (taken in `took`, as a member of
+    /// `group`), emitted and returned as the operator's summary.
+    fn report_taken(
+        &self,
+        name: &str,
+        report: &CreateReport,
+        took: std::time::Duration,
+        group: Option<&str>,
+    ) -> serde_json::Value {
+        let mut summary = serde_json::json!({
             "ok": true,
             "snapshot": report.snapshot_id,
             "full_read": report.full_read,
@@ -639,16 +699,32 @@ impl Runner {
             "new_bytes": report.stats.new_stored_bytes,
             "seconds": took.as_secs_f64(),
         });
-        self.events.emit(Some(name), "snapshot", summary.clone());
-        let copies = self.copy_pending(Some(name));
-        let retention = self.repo.maintain(name);
-        for line in &retention {
-            self.events.emit(Some(name), "snapshot_retention", serde_json::json!({ "message": line }));
+        if let Some(group) = group {
+            summary["group"] = serde_json::json!(group);
         }
-        let mut summary = summary;
-        summary["copies"] = serde_json::json!(copies);
-        summary["retention"] = serde_json::json!(retention);
-        Ok(summary)
+        self.events.emit(Some(name), "snapshot", summary.clone());
+        summary
+    }
+
+    /// Copies the new snapshots of `volumes` to the vaults, then applies retention once
+    /// per retention scope (a consistency group is decided whole). Every line is also an
+    /// event. Returns (copy lines, retention lines).
+    fn copy_and_retain(&self, volumes: &[&str]) -> (Vec<String>, Vec<String>) {
+        let copies: Vec<String> = volumes.iter().flat_map(|v| self.copy_pending(Some(v))).collect();
+        let mut retention = Vec::new();
+        let mut decided: Vec<String> = Vec::new();
+        for volume in volumes {
+            if decided.iter().any(|d| d == volume) {
+                continue;
+            }
+            decided.extend(self.repo.retention_scope(volume));
+            let lines = self.repo.maintain(volume);
+            for line in &lines {
+                self.events.emit(Some(volume), "snapshot_retention", serde_json::json!({ "message": line }));
+            }
+            retention.extend(lines);
+        }
+        (copies, retention)
     }
 
     /// Copies snapshots the vaults lack (a vault that was down catches up here).

@@ -35,9 +35,10 @@ pub enum SnapshotCommand {
         #[arg(long)]
         sealed: bool,
     },
-    /// Take a snapshot of VOLUME now (through the running daemon), copy it, apply retention.
+    /// Take a snapshot of VOLUME, or of every volume of consistency group GROUP at one
+    /// instant, now (through the running daemon), copy it, apply retention.
     Create {
-        /// The volume.
+        /// The volume or group (`[[snapshots.group]]`).
         volume: String,
         /// The journal marker's name.
         #[arg(long)]
@@ -309,17 +310,18 @@ pub fn run(command: SnapshotCommand) -> Result<()> {
                     "{}",
                     json!({ "vault": vault, "dry_run": dry_run, "manifests": report.manifests, "referenced": report.referenced,
                         "examined": report.examined, "deleted": report.deleted, "bytes_freed": report.bytes_freed,
-                        "kept_young": report.kept_young, "resumed": report.resumed, "incomplete": report.incomplete })
+                        "bytes_reclaimed": report.bytes_reclaimed, "kept_young": report.kept_young, "resumed": report.resumed, "incomplete": report.incomplete })
                 );
             } else {
                 let verb = if dry_run { "would delete" } else { "deleted" };
                 println!(
-                    "vault {vault}: {} manifests reference {} chunks; examined {}, {verb} {} ({}){}{}",
+                    "vault {vault}: {} manifests reference {} chunks; examined {}, {verb} {} ({}); {} of disk given back{}{}",
                     report.manifests,
                     report.referenced,
                     report.examined,
                     report.deleted,
                     format_size(report.bytes_freed),
+                    format_size(report.bytes_reclaimed),
                     if report.resumed { "; resumed an interrupted run" } else { "" },
                     if report.incomplete { "; stopped at --max-deletes, run again to continue" } else { "" },
                 );
@@ -385,7 +387,7 @@ fn list(repo: &Repo, vault: &dyn Vault, volume: Option<&str>, json: bool) -> Res
             "marker_seq": m.marker_seq(), "parent": m.parent(), "full_read": m.full_read(),
             "size": m.volume_size(), "chunk_size": m.chunk_size(), "new_bytes": m.stats().new_stored_bytes,
             "copies": copies, "safe": complete >= repo.min_copies,
-            "verified": verify.map(|v| v.ok),
+            "verified": verify.map(|v| v.ok), "group": m.group().map(|(name, _)| name),
         }));
     }
     if json {
@@ -414,7 +416,7 @@ fn list(repo: &Repo, vault: &dyn Vault, volume: Option<&str>, json: bool) -> Res
                 })
                 .collect();
             println!(
-                "{:<10} {:<33} {:<19} {:>9} {:>10}  {:<6} {}",
+                "{:<10} {:<33} {:<19} {:>9} {:>10}  {:<6} {}{}",
                 r["volume"].as_str().unwrap_or(""),
                 r["id"].as_str().unwrap_or(""),
                 utc_display(r["time"].as_i64().unwrap_or(0)),
@@ -422,6 +424,7 @@ fn list(repo: &Repo, vault: &dyn Vault, volume: Option<&str>, json: bool) -> Res
                 format_size(r["new_bytes"].as_u64().unwrap_or(0)),
                 if r["safe"] == json!(true) { "yes" } else { "no" },
                 copies.join(" "),
+                r["group"].as_str().map(|g| format!("  group {g}")).unwrap_or_default(),
             );
         }
         for e in &bad {
@@ -444,6 +447,7 @@ fn show(repo: &Repo, vault: &dyn Vault, spec: &str, json: bool) -> Result<()> {
         "distinct_chunks": distinct, "chunks_read": stats.chunks_read, "new_chunks": stats.new_chunks,
         "new_stored_bytes": stats.new_stored_bytes, "new_plain_bytes": stats.new_plain_bytes,
         "copies": repo.copies(&found.key).into_iter().map(|(n, h)| json!({ "vault": n, "complete": h.ok() })).collect::<Vec<_>>(),
+        "group": m.group().map(|(name, members)| json!({ "name": name, "members": members })),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -457,6 +461,9 @@ fn show(repo: &Repo, vault: &dyn Vault, spec: &str, json: bool) -> Result<()> {
             m.marker_seq()
         );
         println!("  parent    {}{}", m.parent().unwrap_or("none"), if m.full_read() { " (full read)" } else { "" });
+        if let Some((group, members)) = m.group() {
+            println!("  group     {group}: {} at the same instant, each under this id", members.join(", "));
+        }
         println!(
             "  size      {} in {} chunks of {} ({holes} holes, {distinct} distinct)",
             format_size(m.volume_size()),

@@ -570,6 +570,7 @@ mod tests {
             threads: 2,
             snapshot_id: None,
             created_unix: None,
+            group: None,
         };
         let report = create_snapshot(
             &key,
@@ -596,10 +597,21 @@ mod tests {
             vec![self.first.clone() as Arc<dyn Vault>, self.second.clone() as Arc<dyn Vault>]
         }
 
-        fn chunk_file(&self, vault: &LocalVault, index: usize) -> std::path::PathBuf {
+        fn chunk_id(&self, vault: &LocalVault, index: usize) -> ChunkId {
             let manifest = read_manifest(vault, &self.manifest_key, None).unwrap();
             let Some(ChunkRef::Data(id)) = manifest.chunk(index) else { panic!("chunk {index} is a hole") };
-            vault.store().chunk_path(&id)
+            id
+        }
+
+        /// Flips a byte `at` bytes into chunk `index`'s frame, in `vault`'s pack.
+        fn damage_chunk(&self, vault: &LocalVault, index: usize, at: u64) {
+            let location = vault.store().locate(&self.chunk_id(vault, index)).unwrap().unwrap();
+            flip_byte(&location.pack, (location.offset + at) as usize);
+        }
+
+        /// Deletes chunk `index` from `vault`.
+        fn delete_chunk(&self, vault: &LocalVault, index: usize) {
+            assert!(vault.store().remove(&self.chunk_id(vault, index)).unwrap());
         }
     }
 
@@ -722,8 +734,8 @@ mod tests {
     #[test]
     fn a_corrupt_chunk_in_the_first_vault_is_served_from_the_second() {
         let f = fixture();
-        flip_byte(&f.chunk_file(&f.first.inner, 7), 100);
-        std::fs::remove_file(f.chunk_file(&f.first.inner, 8)).unwrap();
+        f.damage_chunk(&f.first.inner, 7, 100);
+        f.delete_chunk(&f.first.inner, 8);
         let export = f.export(f.both());
         let got = read(&export, 6 * CHUNK as u64, 4 * CHUNK).unwrap();
         assert!(got == f.data[6 * CHUNK..10 * CHUNK]);
@@ -736,8 +748,8 @@ mod tests {
         let f = fixture();
         let manifest = read_manifest(&f.first.inner, &f.manifest_key, None).unwrap();
         let Some(ChunkRef::Data(id)) = manifest.chunk(7) else { panic!("chunk 7 is a hole") };
-        flip_byte(&f.chunk_file(&f.first.inner, 7), 100);
-        std::fs::remove_file(f.chunk_file(&f.second, 7)).unwrap();
+        f.damage_chunk(&f.first.inner, 7, 100);
+        f.delete_chunk(&f.second, 7);
         let export = f.export(f.both());
         let err = read(&export, 6 * CHUNK as u64, 2 * CHUNK).unwrap_err();
         assert_eq!(err.kind(), ExportErrorKind::Io, "{err}");

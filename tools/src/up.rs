@@ -156,6 +156,7 @@ pub fn run(dir: &Path) -> Result<()> {
         retention: Some(crate::snapshot::RetentionTable { keep_within: Some("2d".into()), ..Default::default() }),
         min_copies: 2,
         take_on: Default::default(),
+        groups: Vec::new(),
         vaults: vec![
             crate::snapshot::VaultConfig::Keel {
                 name: VAULT.into(),

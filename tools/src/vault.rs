@@ -1,7 +1,19 @@
 //! `keel vault --config FILE`: a vault server. It keeps each tenant's chunks and objects in
 //! a [`LocalVault`] under its data directory and serves them to storage nodes over
-//! mutual-TLS QUIC (`keel-vault/1`, docs/format-vault.md); nodes reach it with
-//! `keel_snapshot::vault::RemoteVault`.
+//! mutual-TLS QUIC (`keel-vault/2`, and `keel-vault/1` for older nodes;
+//! docs/format-vault.md); nodes reach it with `keel_snapshot::vault::RemoteVault`.
+//!
+//! # Durability
+//!
+//! Tenant areas are opened deferred ([`LocalVault::open_deferred`]): a chunk put is written
+//! but not made durable, and a `Sync` from any connection makes every chunk the area
+//! accepted so far durable with one batch ([`Vault::sync`]) instead of fsyncs per chunk.
+//! Syncs of one area run one at a time (`TenantVault`). What `keel_snapshot::vault::wire::handle`
+//! adds: a manifest is stored only after a sync, and a `keel-vault/1` connection gets a
+//! sync after each chunk answer, as its protocol promised. A chunk that was put but never
+//! synced stays pending until some later sync, or until a clean shutdown, which syncs every
+//! area; a crash loses it. No manifest names such a chunk: every client syncs, and sees the
+//! server's run (`HelloOk`) change, before it writes one.
 //!
 //! # Who may open what
 //!
@@ -29,7 +41,8 @@
 //!
 //! On SIGTERM or SIGINT: stop accepting connections and streams, let requests in flight
 //! finish (at most [`DRAIN_TIMEOUT`]), close every connection with code 0 "vault shutting
-//! down" (clients see `Unavailable` and reconnect later), and exit 0.
+//! down" (clients see `Unavailable` and reconnect later), sync every tenant's area, and
+//! exit 0.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write as _;
@@ -41,8 +54,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use keel_net::quic::{self, Identity, TlsFiles, TransportConfig};
 use keel_net::CancellationToken;
-use keel_snapshot::vault::wire::{self, Direction, ErrorCode, Request, Response, WireError};
-use keel_snapshot::vault::{keys, LocalVault};
+use keel_snapshot::vault::wire::{self, Direction, ErrorCode, Instance, Request, Response, Version, WireError};
+use keel_snapshot::vault::{keys, ChunkEntry, LocalVault, ObjectEntry, Put, Vault, VaultError};
+use keel_snapshot::ChunkId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -176,12 +190,17 @@ pub fn run(config: &VaultConfig) -> Result<()> {
     .context("failed to load the vault's TLS identity")?;
     let mut tenants = HashMap::new();
     for tenant in &config.tenants {
-        let vault = LocalVault::open(format!("{}/{}", identity.name(), tenant.name), &config.data_dir, &tenant.name)
+        let name = format!("{}/{}", identity.name(), tenant.name);
+        let vault = LocalVault::open_deferred(name, &config.data_dir, &tenant.name)
             .with_context(|| format!("failed to open tenant {:?} under {}", tenant.name, config.data_dir.display()))?;
-        tenants.insert(tenant.name.clone(), Tenant { nodes: tenant.nodes.clone(), vault: Arc::new(vault) });
+        tenants.insert(
+            tenant.name.clone(),
+            Tenant { nodes: tenant.nodes.clone(), vault: Arc::new(TenantVault::new(vault)) },
+        );
     }
     let server = Arc::new(Server {
         name: identity.name().to_owned(),
+        instance: Instance::random(),
         tenants,
         budget: Semaphore::new(MEMORY_BUDGET / BUDGET_UNIT),
     });
@@ -194,34 +213,173 @@ pub fn run(config: &VaultConfig) -> Result<()> {
     runtime.block_on(async {
         let allowed = config.nodes();
         let endpoint =
-            quic::endpoint(config.listen, &identity, &TransportConfig::default(), &[wire::ALPN], allowed.clone())
+            quic::endpoint(config.listen, &identity, &TransportConfig::default(), &wire::ALPNS, allowed.clone())
                 .with_context(|| format!("failed to listen on {}", config.listen))?;
         let addr = endpoint.local_addr().context("failed to read the listening address")?;
         // Scripts and tests read the port from this line when `listen` has port 0.
         println!("keel vault {} listening on {addr}", server.name);
         let _ = std::io::stdout().flush();
-        tracing::info!(name = %server.name, listen = %addr, tenants = server.tenants.len(), "ready: vault serving");
+        tracing::info!(
+            name = %server.name,
+            listen = %addr,
+            tenants = server.tenants.len(),
+            instance = %server.instance,
+            "ready: vault serving"
+        );
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(Arc::clone(&server), endpoint, allowed, shutdown.clone()));
+        let reclaim = tokio::spawn(reclaim_loop(Arc::clone(&server), shutdown.clone()));
         crate::daemon::wait_for_signal().await?;
         tracing::info!("vault shutting down");
         shutdown.cancel();
         task.await.context("the vault's accept loop panicked")?;
-        tracing::info!("vault stopped");
+        reclaim.await.context("the vault's reclaim loop panicked")?;
         anyhow::Ok(())
-    })
+    })?;
+    // Chunks accepted but never synced would die with the process: keep them, so that
+    // clients that retry after the restart need not send them again.
+    let mut failed = 0;
+    for (name, tenant) in &server.tenants {
+        if let Err(e) = tenant.vault.sync() {
+            tracing::error!(tenant = %name, "failed to sync pending chunks at shutdown: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} tenant areas could not be synced at shutdown (see the log)");
+    }
+    tracing::info!("vault stopped");
+    Ok(())
 }
 
 /// A tenant's area and who may open it.
 struct Tenant {
     nodes: Vec<String>,
-    vault: Arc<LocalVault>,
+    vault: Arc<TenantVault>,
+}
+
+/// A tenant's deferred [`LocalVault`], whose syncs run one at a time.
+///
+/// `Synced` promises that every chunk the area accepted before the `Sync` is durable,
+/// including chunks that a sync already in progress took into its batch. A store whose
+/// sync takes the batch and then makes it durable outside its lock (the file-per-chunk
+/// store did) lets a second sync find no batch and return at once, before those chunks
+/// are durable. Holding syncs one at a time here keeps the promise whatever the store
+/// does, at no cost: a sync waits for the disk anyway.
+#[derive(Debug)]
+struct TenantVault {
+    vault: LocalVault,
+    /// Held for a whole sync (a syncfs or two: milliseconds to seconds), on a blocking
+    /// thread, never across an await.
+    sync: std::sync::Mutex<()>,
+    /// Chunks removed (by clients' GC) since the last reclaim.
+    removed: std::sync::atomic::AtomicU64,
+}
+
+impl TenantVault {
+    fn new(vault: LocalVault) -> Self {
+        Self { vault, sync: std::sync::Mutex::new(()), removed: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Gives back the space of removed chunks ([`Vault::reclaim`]) if any were removed
+    /// since the last call. Blocking.
+    fn reclaim_if_removed(&self) {
+        if self.removed.swap(0, std::sync::atomic::Ordering::AcqRel) == 0 {
+            return;
+        }
+        match self.vault.reclaim() {
+            Ok(bytes) => tracing::info!(tenant = %self.vault.name(), bytes, "reclaimed the space of removed chunks"),
+            Err(e) => {
+                tracing::warn!(tenant = %self.vault.name(), "reclaim failed (retried after the next removal): {e}")
+            }
+        }
+    }
+}
+
+/// How often the server gives back the space of chunks its clients' GC removed. Clients'
+/// `reclaim` is not part of keel-vault/2; the server does it itself, shortly after a GC.
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reclaims every tenant's removed chunks every [`RECLAIM_EVERY`] until `shutdown`.
+async fn reclaim_loop(server: Arc<Server>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(RECLAIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let server = Arc::clone(&server);
+        let _ = tokio::task::spawn_blocking(move || {
+            for tenant in server.tenants.values() {
+                tenant.vault.reclaim_if_removed();
+            }
+        })
+        .await;
+    }
+}
+
+impl Vault for TenantVault {
+    fn name(&self) -> &str {
+        self.vault.name()
+    }
+
+    fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<Put, VaultError> {
+        self.vault.put_chunk(id, frame)
+    }
+
+    fn sync(&self) -> Result<(), VaultError> {
+        let _one_at_a_time = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        self.vault.sync()
+    }
+
+    fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, VaultError> {
+        self.vault.get_chunk(id)
+    }
+
+    fn has_chunk(&self, id: &ChunkId) -> Result<bool, VaultError> {
+        self.vault.has_chunk(id)
+    }
+
+    fn has_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>, VaultError> {
+        self.vault.has_chunks(ids)
+    }
+
+    fn delete_chunk(&self, id: &ChunkId) -> Result<bool, VaultError> {
+        let removed = self.vault.delete_chunk(id)?;
+        if removed {
+            self.removed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok(removed)
+    }
+
+    fn list_chunks(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkEntry>, VaultError> {
+        self.vault.list_chunks(after, limit)
+    }
+
+    fn put_object(&self, key: &str, bytes: &[u8]) -> Result<(), VaultError> {
+        self.vault.put_object(key, bytes)
+    }
+
+    fn get_object(&self, key: &str) -> Result<Vec<u8>, VaultError> {
+        self.vault.get_object(key)
+    }
+
+    fn delete_object(&self, key: &str) -> Result<bool, VaultError> {
+        self.vault.delete_object(key)
+    }
+
+    fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectEntry>, VaultError> {
+        self.vault.list_objects(prefix)
+    }
 }
 
 /// What every connection task shares.
 struct Server {
     /// The vault's node name (its certificate's).
     name: String,
+    /// This run of the process, told to version-2 clients in `HelloOk`.
+    instance: Instance,
     tenants: HashMap<String, Tenant>,
     /// [`MEMORY_BUDGET`] in [`BUDGET_UNIT`]s.
     budget: Semaphore,
@@ -229,7 +387,7 @@ struct Server {
 
 impl Server {
     /// The vault `peer` may open as `tenant`, or the reason it may not.
-    fn open(&self, peer: &str, tenant: &str) -> Result<Arc<LocalVault>, String> {
+    fn open(&self, peer: &str, tenant: &str) -> Result<Arc<TenantVault>, String> {
         match self.tenants.get(tenant) {
             Some(t) if t.nodes.iter().any(|node| node == peer) => Ok(Arc::clone(&t.vault)),
             Some(t) => Err(format!(
@@ -285,8 +443,8 @@ async fn connection(server: Arc<Server>, incoming: quinn::Incoming, allowed: Vec
         opened = open(&server, incoming, &allowed) => opened,
     };
     // `quic::accept` and `open` logged any refusal.
-    let Some((conn, peer, tenant, vault)) = opened else { return };
-    tracing::debug!(%peer, %addr, %tenant, "tenant opened");
+    let Some(Opened { conn, peer, tenant, vault, version }) = opened else { return };
+    tracing::debug!(%peer, %addr, %tenant, ?version, "tenant opened");
     let mut requests = JoinSet::new();
     let closed = loop {
         tokio::select! {
@@ -299,6 +457,7 @@ async fn connection(server: Arc<Server>, incoming: quinn::Incoming, allowed: Vec
                         peer: peer.clone(),
                         addr,
                         tenant: tenant.clone(),
+                        version,
                     };
                     requests.spawn(request(context, send, recv));
                 }
@@ -317,14 +476,26 @@ async fn connection(server: Arc<Server>, incoming: quinn::Incoming, allowed: Vec
     }
 }
 
+/// A connection whose tenant is open.
+struct Opened {
+    conn: quinn::Connection,
+    peer: String,
+    tenant: String,
+    vault: Arc<TenantVault>,
+    /// The protocol version the handshake chose.
+    version: Version,
+}
+
 /// Admits the peer and reads its `Hello`; `None` (logged) if either fails.
-async fn open(
-    server: &Server,
-    incoming: quinn::Incoming,
-    allowed: &[String],
-) -> Option<(quinn::Connection, String, String, Arc<LocalVault>)> {
+async fn open(server: &Server, incoming: quinn::Incoming, allowed: &[String]) -> Option<Opened> {
     let addr = incoming.remote_address();
     let (conn, peer) = quic::accept(incoming, allowed).await.ok()?;
+    // The endpoint accepts only `wire::ALPNS`, so the handshake chose one of them.
+    let Some(version) = quic::alpn(&conn).and_then(|alpn| Version::from_alpn(&alpn)) else {
+        tracing::warn!(%peer, %addr, "no keel-vault protocol version negotiated; closing the connection");
+        conn.close(quinn::VarInt::from_u32(quic::CLOSE_REFUSED), b"no protocol version");
+        return None;
+    };
     let (mut send, mut recv) = match timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -338,19 +509,20 @@ async fn open(
         }
     };
     let hello = timeout(HELLO_TIMEOUT, async {
-        let header = wire::read_header(&mut recv, Direction::Request).await?;
+        let header = wire::read_header(&mut recv, Direction::Request, version).await?;
         if header.kind != wire::Kind::Hello {
             return Ok(None);
         }
         let payload = wire::read_payload(&mut recv, &header).await?;
-        Request::decode(header.kind, payload).map(Some)
+        Request::decode(version, header.kind, payload).map(Some)
     })
     .await;
     let refusal = match hello {
         Ok(Ok(Some(Request::Hello { tenant }))) => match server.open(&peer, &tenant) {
             Ok(vault) => {
-                answer(&mut send, &Response::HelloOk).await;
-                return Some((conn, peer, tenant, vault));
+                let instance = (version >= Version::V2).then_some(server.instance);
+                answer(&mut send, &Response::HelloOk { instance }, version).await;
+                return Some(Opened { conn, peer, tenant, vault, version });
             }
             Err(reason) => Response::error(ErrorCode::Refused, reason),
         },
@@ -362,7 +534,7 @@ async fn open(
         tracing::warn!(%peer, %addr, "refused: {message}");
     }
     let _ = recv.stop(quinn::VarInt::from_u32(0));
-    answer(&mut send, &refusal).await;
+    answer(&mut send, &refusal, version).await;
     // Leave the closing to the client, which has read the reason by then; if it does not
     // close, close after a while.
     let _ = timeout(REFUSED_LINGER, conn.closed()).await;
@@ -373,18 +545,20 @@ async fn open(
 /// Who a request stream belongs to.
 struct RequestContext {
     server: Arc<Server>,
-    vault: Arc<LocalVault>,
+    vault: Arc<TenantVault>,
     peer: String,
     addr: SocketAddr,
     tenant: String,
+    /// The connection's protocol version.
+    version: Version,
 }
 
 /// Serves one request stream: read and check the frame, run it, answer.
 async fn request(context: RequestContext, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let RequestContext { server, vault, peer, addr, tenant } = context;
+    let RequestContext { server, vault, peer, addr, tenant, version } = context;
     let started = tokio::time::Instant::now();
     let read = async {
-        let header = wire::read_header(&mut recv, Direction::Request).await.map_err(Refusal::Bad)?;
+        let header = wire::read_header(&mut recv, Direction::Request, version).await.map_err(Refusal::Bad)?;
         // The budget is reserved before the payload is read: the header's length is bounded
         // by its kind, so the reservation is too.
         let bytes = header.payload_len + header.kind.response_bound();
@@ -392,7 +566,7 @@ async fn request(context: RequestContext, mut send: quinn::SendStream, mut recv:
         let reservation =
             timeout(BUSY_TIMEOUT, server.budget.acquire_many(permits)).await.map_err(|_| Refusal::Busy)?;
         let payload = wire::read_payload(&mut recv, &header).await.map_err(Refusal::Bad)?;
-        let request = Request::decode(header.kind, payload).map_err(Refusal::Bad)?;
+        let request = Request::decode(version, header.kind, payload).map_err(Refusal::Bad)?;
         Ok::<_, Refusal>((request, reservation))
     };
     let read = async { timeout(REQUEST_READ_TIMEOUT, read).await.unwrap_or(Err(Refusal::Slow)) };
@@ -401,7 +575,7 @@ async fn request(context: RequestContext, mut send: quinn::SendStream, mut recv:
         Ok((request, reservation)) => {
             let op = request.kind();
             let vault = Arc::clone(&vault);
-            let response = tokio::task::spawn_blocking(move || wire::handle(vault.as_ref(), request))
+            let response = tokio::task::spawn_blocking(move || wire::handle(vault.as_ref(), version, request))
                 .await
                 .unwrap_or_else(|e| Response::error(ErrorCode::Storage, format!("request handler failed: {e}")));
             if let Response::Error { code, message } = &response {
@@ -410,7 +584,7 @@ async fn request(context: RequestContext, mut send: quinn::SendStream, mut recv:
                     _ => tracing::debug!(%peer, %addr, %tenant, "{op:?}: {code:?}: {message}"),
                 }
             }
-            (encode(&response), Some(reservation))
+            (encode(&response, version), Some(reservation))
         }
         Err(refusal) => {
             let response = match refusal {
@@ -431,7 +605,7 @@ async fn request(context: RequestContext, mut send: quinn::SendStream, mut recv:
                 }
             };
             let _ = recv.stop(quinn::VarInt::from_u32(0));
-            (encode(&response), None)
+            (encode(&response, version), None)
         }
     };
     write_answer(&mut send, &frame).await;
@@ -447,18 +621,18 @@ enum Refusal {
     Slow,
 }
 
-/// The frame of `response`, or of a `Refused` error when it does not fit the protocol (a
-/// listing too long for one frame).
-fn encode(response: &Response) -> bytes::Bytes {
-    response.encode().unwrap_or_else(|e| {
+/// The frame of `response` in `version`, or of a `Refused` error when it does not fit the
+/// protocol (a listing too long for one frame).
+fn encode(response: &Response, version: Version) -> bytes::Bytes {
+    response.encode(version).unwrap_or_else(|e| {
         let fallback = Response::error(ErrorCode::Refused, format!("the answer does not fit in a frame: {e}"));
-        // An error response of at most MAX_ERROR_MESSAGE_LEN always encodes.
-        fallback.encode().unwrap_or_default()
+        // An error response of at most MAX_ERROR_MESSAGE_LEN encodes in every version.
+        fallback.encode(version).unwrap_or_default()
     })
 }
 
-async fn answer(send: &mut quinn::SendStream, response: &Response) {
-    write_answer(send, &encode(response)).await;
+async fn answer(send: &mut quinn::SendStream, response: &Response, version: Version) {
+    write_answer(send, &encode(response, version)).await;
 }
 
 /// Writes one response frame and finishes the stream, then waits (bounded) until the
@@ -475,6 +649,46 @@ async fn write_answer(send: &mut quinn::SendStream, frame: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks a client's GC removed are given back by the server's next reclaim pass, and
+    /// only then; a pass with nothing removed does nothing.
+    #[test]
+    fn removed_chunks_are_reclaimed_by_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantVault::new(LocalVault::open_deferred("v/acme", dir.path(), "acme").unwrap());
+        let key = keel_snapshot::TenantKey::from_bytes([3; 32]);
+        // 40 MiB of incompressible chunks: more than one pack (the pack being written is
+        // reclaimed only once it is full).
+        let ids: Vec<ChunkId> = (0..640u32)
+            .map(|i| {
+                // A cheap incompressible stream (xorshift), different for every chunk.
+                let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(i + 1);
+                let data: Vec<u8> = (0..65536)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let (id, frame) = keel_snapshot::encode_chunk(&key, &data, 3).unwrap();
+                tenant.put_chunk(&id, &frame).unwrap();
+                id
+            })
+            .collect();
+        tenant.sync().unwrap();
+        let before = tenant.vault.store().stats().unwrap();
+        tenant.reclaim_if_removed();
+        assert_eq!(tenant.vault.store().stats().unwrap().pack_bytes, before.pack_bytes, "nothing removed yet");
+        for id in &ids {
+            assert!(tenant.delete_chunk(id).unwrap());
+        }
+        assert!(tenant.vault.store().stats().unwrap().dead_bytes > 0);
+        tenant.reclaim_if_removed();
+        let after = tenant.vault.store().stats().unwrap();
+        assert_eq!(after.chunks, 0, "{after:?}");
+        assert!(after.pack_bytes < before.pack_bytes / 2, "{after:?} vs {before:?}");
+    }
 
     fn config(tenants: &str) -> Result<VaultConfig> {
         let text = format!(

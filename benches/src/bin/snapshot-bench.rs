@@ -116,6 +116,7 @@ impl Options {
             threads: self.threads,
             snapshot_id: None,
             created_unix: None,
+            group: None,
         }
     }
 }

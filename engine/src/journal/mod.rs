@@ -120,6 +120,9 @@ impl Writer {
     }
 }
 
+/// The journal lock, held (see [`Journal::lock_writer`]).
+pub(crate) struct WriterGuard<'a>(parking_lot::MutexGuard<'a, Writer>);
+
 #[derive(Debug)]
 struct Writer {
     slots: Vec<Slot>,
@@ -284,8 +287,24 @@ impl Journal {
         record: NewRecord<'_>,
         apply: &dyn Fn(u64) -> std::io::Result<()>,
     ) -> Result<u64, AppendError> {
-        let mut guard = self.writer.lock();
-        let w = &mut *guard;
+        self.append_locked(&mut self.lock_writer(), record, apply)
+    }
+
+    /// Takes the journal lock: no record is appended to this journal until the guard is
+    /// dropped, except through [`Journal::append_locked`] with it. A consistency group's
+    /// snapshot holds its volumes' locks together (always in one order: by volume name).
+    pub(crate) fn lock_writer(&self) -> WriterGuard<'_> {
+        WriterGuard(self.writer.lock())
+    }
+
+    /// [`Journal::append`] with the journal lock already held.
+    pub(crate) fn append_locked(
+        &self,
+        guard: &mut WriterGuard<'_>,
+        record: NewRecord<'_>,
+        apply: &dyn Fn(u64) -> std::io::Result<()>,
+    ) -> Result<u64, AppendError> {
+        let w = &mut *guard.0;
         let NewRecord { kind, flags, offset, length, payload, origin } = record;
         let barrier = kind == RecordKind::Barrier;
         #[cfg(test)]

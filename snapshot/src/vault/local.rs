@@ -2,9 +2,13 @@
 //! remote filesystem. One subdirectory per tenant:
 //!
 //! ```text
-//! <root>/<tenant>/chunks/ab/cd/<hex id>     chunk frames (LocalChunkStore)
+//! <root>/<tenant>/packs/<16 hex>.pack       chunk frames, appended (LocalChunkStore)
+//! <root>/<tenant>/packs/<16 hex>.idx        each pack's index log
 //! <root>/<tenant>/objects/<key>             manifests, upload intents, leases
 //! ```
+//!
+//! Chunk listings come from the store's in-memory index (sorted, paged), not from the
+//! directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -93,26 +97,6 @@ impl LocalVault {
     fn io_err(&self, op: String, source: io::Error) -> VaultError {
         VaultError::Io { vault: self.name.clone(), op, source }
     }
-
-    /// Sorted names of the entries of `dir` that are `width` lowercase hex digits.
-    fn hex_entries(&self, dir: &Path, width: usize) -> Result<Vec<String>, VaultError> {
-        let entries = match fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(self.io_err(format!("list {}", dir.display()), e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| self.io_err(format!("list {}", dir.display()), e))?;
-            if let Some(name) = entry.file_name().to_str() {
-                if name.len() == width && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-                    names.push(name.to_owned());
-                }
-            }
-        }
-        names.sort_unstable();
-        Ok(names)
-    }
 }
 
 /// Unix seconds of a file's mtime (0 when the filesystem cannot say).
@@ -152,42 +136,12 @@ impl Vault for LocalVault {
     }
 
     fn list_chunks(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkEntry>, VaultError> {
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        let chunks = self.store.root().join("chunks");
-        let after_hex = after.map(ChunkId::to_string);
-        for ab in self.hex_entries(&chunks, 2)? {
-            if after_hex.as_deref().is_some_and(|a| ab.as_str() < &a[..2]) {
-                continue;
-            }
-            let ab_dir = chunks.join(&ab);
-            for cd in self.hex_entries(&ab_dir, 2)? {
-                if after_hex.as_deref().is_some_and(|a| format!("{ab}{cd}").as_str() < &a[..4]) {
-                    continue;
-                }
-                let cd_dir = ab_dir.join(&cd);
-                for name in self.hex_entries(&cd_dir, 64)? {
-                    if after_hex.as_deref().is_some_and(|a| name.as_str() <= a) {
-                        continue;
-                    }
-                    let Ok(id) = name.parse::<ChunkId>() else { continue };
-                    let path = cd_dir.join(&name);
-                    let meta = match fs::metadata(&path) {
-                        Ok(meta) => meta,
-                        // Removed by a concurrent GC between the listing and the stat.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(self.io_err(format!("stat {}", path.display()), e)),
-                    };
-                    out.push(ChunkEntry { id, len: meta.len(), modified: modified_secs(&meta) });
-                    if out.len() == limit {
-                        return Ok(out);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        let chunks = self.store.list(after, limit).map_err(|e| self.store_err(e))?;
+        Ok(chunks.into_iter().map(|c| ChunkEntry { id: c.id, len: c.len, modified: c.written_unix }).collect())
+    }
+
+    fn reclaim(&self) -> Result<u64, VaultError> {
+        Ok(self.store.reclaim().map_err(|e| self.store_err(e))?.bytes_freed())
     }
 
     fn put_object(&self, key: &str, bytes: &[u8]) -> Result<(), VaultError> {

@@ -186,6 +186,13 @@ pub trait Vault: Send + Sync + fmt::Debug {
     /// Removes chunk `id`; false when it was not there. Only garbage collection calls this.
     fn delete_chunk(&self, id: &ChunkId) -> Result<bool, VaultError>;
 
+    /// Gives back the space of deleted chunks where deleting does not (a local vault's
+    /// packs: docs/format-chunk.md); returns the bytes freed. Garbage collection calls it
+    /// after a complete sweep, under its lease. A no-op (0) elsewhere.
+    fn reclaim(&self) -> Result<u64, VaultError> {
+        Ok(0)
+    }
+
     /// Up to `limit` chunks with ids strictly greater than `after` (from the start when
     /// `None`), in ascending id order. An empty result means the walk is complete.
     fn list_chunks(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkEntry>, VaultError>;

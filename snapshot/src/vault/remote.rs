@@ -1,5 +1,6 @@
 //! [`RemoteVault`]: a tenant's area on a `keel vault` server, reached over mutual-TLS QUIC
-//! with the `keel-vault/1` protocol (docs/format-vault.md).
+//! with the `keel-vault` protocol (docs/format-vault.md), version 2 or, with an older
+//! server, version 1.
 //!
 //! # How a call runs
 //!
@@ -22,13 +23,30 @@
 //! A server that is down gives [`VaultError::Unavailable`] after the QUIC idle timeout or
 //! `connect_timeout`, whichever is first; a server that refuses (certificate, tenant)
 //! gives [`VaultError::Refused`].
+//!
+//! # Durability
+//!
+//! A version-2 server may answer a `PutChunk` before the chunk is durable, and answers
+//! `HasChunks` "present" for such pending chunks too; they become durable at the next
+//! `Sync` of the tenant's area (from any client), and die with the server's process if it
+//! crashes first. [`Vault::sync`] sends `Sync`. Because a connection lost to a restart is
+//! replaced silently (step 4), the client also checks that the server's run
+//! ([`wire::Instance`], in `HelloOk`) that answers the `Sync` is the one that gave every
+//! chunk answer since the last sync; if not, the sync fails with
+//! [`VaultError::Unavailable`], and the caller's retry uploads again what the new run
+//! lacks. A handle reports such a restart to the first sync that sees it, then forgets it:
+//! two uploads that share one handle across a server crash rely on checking their chunks
+//! after their sync (as `maintain::copy_snapshot` does) for the second one to notice.
+//!
+//! A version-1 server makes every chunk durable before it answers, so a sync there is a
+//! no-op and sends nothing (version 1 has no `Sync`).
 
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,7 +54,7 @@ use keel_net::quic::{self, Identity, TransportConfig};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::wire::{self, Direction, ErrorCode, Request, Response, WireError};
+use super::wire::{self, Direction, ErrorCode, Instance, Request, Response, Version, WireError};
 use super::{keys, ChunkEntry, ObjectEntry, Put, Vault, VaultError};
 use crate::error::ChunkError;
 use crate::key::ChunkId;
@@ -99,6 +117,8 @@ impl RemoteVaultConfig {
 pub struct RemoteVault {
     name: String,
     client: Arc<Client>,
+    /// The chunk answers not yet covered by a sync (see the module docs, "Durability").
+    unsynced: StdMutex<Unsynced>,
     /// `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -133,24 +153,20 @@ impl RemoteVault {
             // The endpoint's driver is spawned on the runtime entered here.
             let _entered = runtime.enter();
             // No peer may connect to this endpoint: it only dials.
-            quic::endpoint(bind, &config.identity, &config.transport, &[wire::ALPN], Vec::new())
+            quic::endpoint(bind, &config.identity, &config.transport, &wire::ALPNS, Vec::new())
                 .map_err(|e| io("create the QUIC endpoint", io::Error::other(e.to_string())))?
         };
-        let hello = Request::Hello { tenant: config.tenant.clone() }
-            .encode()
-            .map_err(|e| io("encode Hello", io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
         let client = Client {
             address: config.address,
             server: config.server,
             tenant: config.tenant,
-            hello,
             endpoint,
             connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
             slots: Semaphore::new(config.max_in_flight),
             link: Mutex::new(Link::default()),
         };
-        Ok(Self { name, client: Arc::new(client), runtime: Some(runtime) })
+        Ok(Self { name, client: Arc::new(client), unsynced: StdMutex::default(), runtime: Some(runtime) })
     }
 
     /// The tenant this handle opens.
@@ -158,33 +174,59 @@ impl RemoteVault {
         &self.client.tenant
     }
 
-    /// Sends `request` and returns the server's answer; an error response becomes the
-    /// matching [`VaultError`], about `subject`.
+    /// Sends `request` and returns the server's answer and who gave it; an error response
+    /// becomes the matching [`VaultError`], about `subject`.
     fn call(
         &self,
         op: &'static str,
         subject: Subject<'_>,
         request: Request,
         retry: Retry,
-    ) -> Result<Response, VaultError> {
+    ) -> Result<(Response, Peer), VaultError> {
         let kind = request.kind();
-        let frame = request.encode().map_err(|e| VaultError::Refused {
+        // Encoded here, in the newest version, so that a request too large for the protocol
+        // fails before any connection is made; `Client::call` re-encodes for an old server.
+        let frame = request.encode(Version::CURRENT).map_err(|e| VaultError::Refused {
             vault: self.name.clone(),
             op: op.to_owned(),
             reason: format!("request does not fit the vault protocol: {e}"),
         })?;
         let client = Arc::clone(&self.client);
         let outcome = self
-            .block_on(async move { client.call(frame, retry).await })
+            .block_on(async move { client.call(request, frame, retry).await })
             .unwrap_or_else(|| Err(Failure::Unavailable("the vault client is shutting down".into())));
         match outcome {
-            Ok(Response::Error { code, message }) => Err(self.server_error(op, subject, code, message)),
-            Ok(response) if response.kind() == kind.answer() => Ok(response),
-            Ok(response) => Err(self.failure(
+            Ok((Response::Error { code, message }, _)) => Err(self.server_error(op, subject, code, message)),
+            Ok((response, peer)) if response.kind() == kind.answer() => Ok((response, peer)),
+            Ok((response, _)) => Err(self.failure(
                 op,
                 Failure::Protocol(format!("the server answered a {kind:?} request with {:?}", response.kind())),
             )),
             Err(failure) => Err(self.failure(op, failure)),
+        }
+    }
+
+    /// Notes a chunk answer that `peer` may have given for a chunk it holds pending.
+    fn relied_on(&self, peer: Peer) {
+        if let Some(instance) = peer.instance {
+            self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).record(instance);
+        }
+    }
+
+    /// The error of a sync that found the server restarted since it answered for chunks.
+    fn restarted(&self, before: Option<Instance>, now: Option<Instance>) -> VaultError {
+        let run =
+            |instance: Option<Instance>| instance.map_or_else(|| "a version-1 server".into(), |i| format!("run {i}"));
+        VaultError::Unavailable {
+            vault: self.name.clone(),
+            reason: format!(
+                "{} at {} restarted ({} → {}) before the chunks it accepted since the last sync were made durable; \
+                 they may be lost, so the upload must be done again",
+                self.client.server,
+                self.client.address,
+                run(before),
+                run(now)
+            ),
         }
     }
 
@@ -286,13 +328,49 @@ impl Vault for RemoteVault {
         })?;
         let request = Request::PutChunk { id: *id, frame: Bytes::copy_from_slice(frame) };
         match self.call("put chunk", Subject::Chunk(id), request, Retry::Yes)? {
-            Response::Stored(put) => Ok(put),
-            other => Err(self.protocol("put chunk", format!("unexpected {:?}", other.kind()))),
+            (Response::Stored(put), peer) => {
+                // Written or already there: either way the chunk may be pending.
+                self.relied_on(peer);
+                Ok(put)
+            }
+            (other, _) => Err(self.protocol("put chunk", format!("unexpected {:?}", other.kind()))),
         }
     }
 
+    /// Sends `Sync` (version 2) unless no chunk answer since the last sync needs it, and
+    /// checks that the server's run that synced is the one that answered (module docs,
+    /// "Durability"). A network failure, or a restart that may have lost chunks, is
+    /// [`VaultError::Unavailable`]: the upload is to be retried.
+    fn sync(&self) -> Result<(), VaultError> {
+        let (upto, expected) = {
+            let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((before, now)) = unsynced.restart.take() {
+                return Err(self.restarted(Some(before), Some(now)));
+            }
+            if unsynced.answers == unsynced.settled {
+                return Ok(());
+            }
+            (unsynced.answers, unsynced.instance)
+        };
+        let peer = match self.call("sync", Subject::None, Request::Sync, Retry::Yes)? {
+            (Response::Synced, peer) => peer,
+            (other, _) => return Err(self.protocol("sync", format!("unexpected {:?}", other.kind()))),
+        };
+        let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((before, now)) = unsynced.restart.take() {
+            return Err(self.restarted(Some(before), Some(now)));
+        }
+        if peer.instance != expected {
+            // Report it once: the next sync goes to the run that answered this one.
+            unsynced.instance = peer.instance;
+            return Err(self.restarted(expected, peer.instance));
+        }
+        unsynced.settled = unsynced.settled.max(upto);
+        Ok(())
+    }
+
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, VaultError> {
-        match self.call("get chunk", Subject::Chunk(id), Request::GetChunk { id: *id }, Retry::Yes)? {
+        match self.call("get chunk", Subject::Chunk(id), Request::GetChunk { id: *id }, Retry::Yes)?.0 {
             Response::Chunk(frame) => {
                 // Key-less check: catches a server handing back garbage; the caller's
                 // decode authenticates the rest.
@@ -316,20 +394,26 @@ impl Vault for RemoteVault {
         for batch in ids.chunks(wire::MAX_HAS_BATCH) {
             let request = Request::HasChunks { ids: batch.to_vec() };
             match self.call("check chunks", Subject::None, request, Retry::Yes)? {
-                Response::Present(flags) if flags.len() == batch.len() => present.extend(flags),
-                Response::Present(flags) => {
+                (Response::Present(flags), peer) if flags.len() == batch.len() => {
+                    // "Present" may mean pending.
+                    if flags.contains(&true) {
+                        self.relied_on(peer);
+                    }
+                    present.extend(flags);
+                }
+                (Response::Present(flags), _) => {
                     return Err(
                         self.protocol("check chunks", format!("{} answers for {} chunk ids", flags.len(), batch.len()))
                     )
                 }
-                other => return Err(self.protocol("check chunks", format!("unexpected {:?}", other.kind()))),
+                (other, _) => return Err(self.protocol("check chunks", format!("unexpected {:?}", other.kind()))),
             }
         }
         Ok(present)
     }
 
     fn delete_chunk(&self, id: &ChunkId) -> Result<bool, VaultError> {
-        match self.call("delete chunk", Subject::Chunk(id), Request::DeleteChunk { id: *id }, Retry::No)? {
+        match self.call("delete chunk", Subject::Chunk(id), Request::DeleteChunk { id: *id }, Retry::No)?.0 {
             Response::Deleted(deleted) => Ok(deleted),
             other => Err(self.protocol("delete chunk", format!("unexpected {:?}", other.kind()))),
         }
@@ -343,7 +427,7 @@ impl Vault for RemoteVault {
         // last id.
         let limit = u32::try_from(limit).unwrap_or(u32::MAX).min(wire::MAX_LIST_CHUNKS);
         let request = Request::ListChunks { after: after.copied(), limit };
-        let entries = match self.call("list chunks", Subject::None, request, Retry::Yes)? {
+        let entries = match self.call("list chunks", Subject::None, request, Retry::Yes)?.0 {
             Response::ChunkList(entries) => entries,
             other => return Err(self.protocol("list chunks", format!("unexpected {:?}", other.kind()))),
         };
@@ -372,7 +456,7 @@ impl Vault for RemoteVault {
             });
         }
         let request = Request::PutObject { key: key.to_owned(), bytes: Bytes::copy_from_slice(bytes) };
-        match self.call("put object", Subject::Key(key), request, Retry::Yes)? {
+        match self.call("put object", Subject::Key(key), request, Retry::Yes)?.0 {
             Response::ObjectStored => Ok(()),
             other => Err(self.protocol("put object", format!("unexpected {:?}", other.kind()))),
         }
@@ -380,7 +464,7 @@ impl Vault for RemoteVault {
 
     fn get_object(&self, key: &str) -> Result<Vec<u8>, VaultError> {
         self.bad_key(key)?;
-        match self.call("get object", Subject::Key(key), Request::GetObject { key: key.to_owned() }, Retry::Yes)? {
+        match self.call("get object", Subject::Key(key), Request::GetObject { key: key.to_owned() }, Retry::Yes)?.0 {
             Response::Object(bytes) => Ok(bytes.to_vec()),
             other => Err(self.protocol("get object", format!("unexpected {:?}", other.kind()))),
         }
@@ -388,7 +472,8 @@ impl Vault for RemoteVault {
 
     fn delete_object(&self, key: &str) -> Result<bool, VaultError> {
         self.bad_key(key)?;
-        match self.call("delete object", Subject::Key(key), Request::DeleteObject { key: key.to_owned() }, Retry::No)? {
+        match self.call("delete object", Subject::Key(key), Request::DeleteObject { key: key.to_owned() }, Retry::No)?.0
+        {
             Response::Deleted(deleted) => Ok(deleted),
             other => Err(self.protocol("delete object", format!("unexpected {:?}", other.kind()))),
         }
@@ -400,7 +485,7 @@ impl Vault for RemoteVault {
             return Ok(Vec::new());
         }
         let request = Request::ListObjects { prefix: prefix.to_owned() };
-        let entries = match self.call("list objects", Subject::None, request, Retry::Yes)? {
+        let entries = match self.call("list objects", Subject::None, request, Retry::Yes)?.0 {
             Response::ObjectList(entries) => entries,
             other => return Err(self.protocol("list objects", format!("unexpected {:?}", other.kind()))),
         };
@@ -421,6 +506,45 @@ enum Subject<'a> {
     Chunk(&'a ChunkId),
     Key(&'a str),
     None,
+}
+
+/// The server at the other end of a connection: its version and (from version 2) its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Peer {
+    version: Version,
+    instance: Option<Instance>,
+}
+
+/// Chunk answers of version-2 servers that a sync has not covered yet.
+///
+/// # Invariants
+///
+/// - `settled <= answers`; the answers numbered `settled + 1 ..= answers` are the window
+///   the next `Sync` has to cover, and `instance` gave the latest of them.
+/// - `restart` is `Some` only while the window holds answers from two runs.
+#[derive(Debug, Default)]
+struct Unsynced {
+    /// Chunk answers recorded, ever.
+    answers: u64,
+    /// Answers up to this number are covered by a successful sync.
+    settled: u64,
+    /// The run that gave the latest answer.
+    instance: Option<Instance>,
+    /// The window's answers came from two runs `(before, now)`: those of `before` may be lost.
+    restart: Option<(Instance, Instance)>,
+}
+
+impl Unsynced {
+    fn record(&mut self, instance: Instance) {
+        debug_assert!(self.settled <= self.answers);
+        if self.answers > self.settled && self.restart.is_none() {
+            if let Some(before) = self.instance.filter(|before| *before != instance) {
+                self.restart = Some((before, instance));
+            }
+        }
+        self.answers += 1;
+        self.instance = Some(instance);
+    }
 }
 
 /// Whether a call may be repeated on a new connection after its connection died.
@@ -446,8 +570,6 @@ struct Client {
     address: SocketAddr,
     server: String,
     tenant: String,
-    /// The encoded `Hello { tenant }`.
-    hello: Bytes,
     endpoint: quinn::Endpoint,
     connect_timeout: Duration,
     request_timeout: Duration,
@@ -459,7 +581,7 @@ struct Client {
 /// The shared connection, if any, and the last failure to make one.
 #[derive(Default)]
 struct Link {
-    connection: Option<quinn::Connection>,
+    connection: Option<(quinn::Connection, Peer)>,
     /// When the last failed connection attempt started, and why it failed.
     last_failure: Option<(Instant, Failure)>,
 }
@@ -473,7 +595,9 @@ enum ExchangeError {
 }
 
 impl Client {
-    async fn call(&self, frame: Bytes, retry: Retry) -> Result<Response, Failure> {
+    /// Sends `request`, whose frame in [`Version::CURRENT`] is `frame`, and returns the
+    /// answer and who gave it.
+    async fn call(&self, request: Request, frame: Bytes, retry: Retry) -> Result<(Response, Peer), Failure> {
         let deadline = Instant::now() + self.request_timeout;
         let late = || {
             Failure::Unavailable(format!(
@@ -487,10 +611,20 @@ impl Client {
             .map_err(|_| Failure::Unavailable("the vault client is shutting down".into()))?;
         let mut retried = false;
         loop {
-            let (connection, reused) = self.connection(deadline).await?;
-            match timeout_at(deadline, exchange(&connection, &frame)).await {
+            let ((connection, peer), reused) = self.connection(deadline).await?;
+            let frame = if peer.version == Version::CURRENT {
+                frame.clone()
+            } else if matches!(request, Request::Sync) {
+                // Version 1 has no Sync, and needs none: its chunks are durable once answered.
+                return Ok((Response::Synced, peer));
+            } else {
+                request.encode(peer.version).map_err(|e| {
+                    Failure::Refused(format!("request does not fit version {:?} of the protocol: {e}", peer.version))
+                })?
+            };
+            match timeout_at(deadline, exchange(&connection, &frame, peer.version)).await {
                 Err(_elapsed) => return Err(late()),
-                Ok(Ok(response)) => return Ok(response),
+                Ok(Ok(response)) => return Ok((response, peer)),
                 Ok(Err(ExchangeError::Protocol(reason))) => return Err(Failure::Protocol(reason)),
                 Ok(Err(ExchangeError::Connection(reason))) => {
                     self.forget(&connection).await;
@@ -508,13 +642,13 @@ impl Client {
     }
 
     /// The live connection (and `true`), or a new one (and `false`).
-    async fn connection(&self, deadline: Instant) -> Result<(quinn::Connection, bool), Failure> {
+    async fn connection(&self, deadline: Instant) -> Result<((quinn::Connection, Peer), bool), Failure> {
         let waiting_since = Instant::now();
         let late = || Failure::Unavailable(format!("no connection to {} at {} in time", self.server, self.address));
         let mut link = timeout_at(deadline, self.link.lock()).await.map_err(|_| late())?;
-        if let Some(connection) = &link.connection {
+        if let Some((connection, peer)) = &link.connection {
             if connection.close_reason().is_none() {
-                return Ok((connection.clone(), true));
+                return Ok(((connection.clone(), *peer), true));
             }
             link.connection = None;
         }
@@ -534,10 +668,10 @@ impl Client {
             )))
         });
         match outcome {
-            Ok(connection) => {
-                link.connection = Some(connection.clone());
+            Ok(connected) => {
+                link.connection = Some(connected.clone());
                 link.last_failure = None;
-                Ok((connection, false))
+                Ok((connected, false))
             }
             Err(failure) => {
                 link.last_failure = Some((started, failure.clone()));
@@ -546,15 +680,23 @@ impl Client {
         }
     }
 
-    /// Dials the server and opens the tenant.
-    async fn connect(&self) -> Result<quinn::Connection, Failure> {
+    /// Dials the server, settles the version (the ALPN the handshake chose) and opens the
+    /// tenant.
+    async fn connect(&self) -> Result<(quinn::Connection, Peer), Failure> {
         let connection = quic::connect(&self.endpoint, self.address, &self.server).await.map_err(connect_failure)?;
         let refused = |reason: String| {
             connection.close(quinn::VarInt::from_u32(0), b"tenant refused");
             Failure::Refused(reason)
         };
-        match exchange(&connection, &self.hello).await {
-            Ok(Response::HelloOk) => Ok(connection),
+        let Some(version) = quic::alpn(&connection).and_then(|alpn| Version::from_alpn(&alpn)) else {
+            return Err(refused("the handshake chose no keel-vault protocol version".into()));
+        };
+        let hello = Request::Hello { tenant: self.tenant.clone() }
+            .encode(version)
+            .map_err(|e| Failure::Refused(format!("cannot encode Hello: {e}")))?;
+        match exchange(&connection, &hello, version).await {
+            // The decoder gives an instance exactly from version 2 on.
+            Ok(Response::HelloOk { instance }) => Ok((connection, Peer { version, instance })),
             Ok(Response::Error { code: ErrorCode::Unavailable, message }) => Err(Failure::Unavailable(message)),
             Ok(Response::Error { message, .. }) => Err(refused(message)),
             Ok(other) => Err(refused(format!("the server answered Hello with {:?}", other.kind()))),
@@ -569,14 +711,14 @@ impl Client {
     /// Drops `connection` if it is still the shared one.
     async fn forget(&self, connection: &quinn::Connection) {
         let mut link = self.link.lock().await;
-        if link.connection.as_ref().is_some_and(|current| current.stable_id() == connection.stable_id()) {
+        if link.connection.as_ref().is_some_and(|(current, _)| current.stable_id() == connection.stable_id()) {
             link.connection = None;
         }
     }
 }
 
-/// One request on a new stream, one response back.
-async fn exchange(connection: &quinn::Connection, frame: &Bytes) -> Result<Response, ExchangeError> {
+/// One request on a new stream, one response back, in the connection's `version`.
+async fn exchange(connection: &quinn::Connection, frame: &Bytes, version: Version) -> Result<Response, ExchangeError> {
     let failed = |what: &str, error: &dyn fmt::Display| match connection.close_reason() {
         Some(reason) => ExchangeError::Connection(reason.to_string()),
         None => ExchangeError::Protocol(format!("{what}: {error}")),
@@ -591,9 +733,10 @@ async fn exchange(connection: &quinn::Connection, frame: &Bytes) -> Result<Respo
         // The server stopped reading (it refused the request); its answer says why.
         Err(_) => {}
     }
-    let header = wire::read_header(&mut recv, Direction::Response).await.map_err(|e| failed("read response", &e))?;
+    let header =
+        wire::read_header(&mut recv, Direction::Response, version).await.map_err(|e| failed("read response", &e))?;
     let payload = wire::read_payload(&mut recv, &header).await.map_err(|e| failed("read response", &e))?;
-    Response::decode(header.kind, payload).map_err(|e: WireError| ExchangeError::Protocol(e.to_string()))
+    Response::decode(version, header.kind, payload).map_err(|e: WireError| ExchangeError::Protocol(e.to_string()))
 }
 
 /// Sorts a failure to connect into "may pass" and "will not".
@@ -647,29 +790,66 @@ mod tests {
         }
     }
 
-    /// A server that opens only `tenant`, serving one request at a time per connection.
+    /// A server that opens only `tenant`, serving one request at a time per connection:
+    /// like `keel vault` (deferred chunk puts, both versions) with [`TestServer::start`], or
+    /// like a server of before version 2 (immediate puts, version 1 only) with
+    /// [`TestServer::start_v1`].
     struct TestServer {
         runtime: Option<tokio::runtime::Runtime>,
         addr: SocketAddr,
+        /// Requests served, by kind.
+        served: Arc<std::sync::Mutex<Vec<wire::Kind>>>,
     }
 
     impl TestServer {
         fn start(certs: &Certs, bind: SocketAddr, root: &std::path::Path, tenant: &'static str) -> Self {
+            let vault = LocalVault::open_deferred("test", root, tenant).unwrap();
+            Self::start_with(certs, bind, vault, tenant, &wire::ALPNS)
+        }
+
+        fn start_v1(certs: &Certs, bind: SocketAddr, root: &std::path::Path, tenant: &'static str) -> Self {
+            let vault = LocalVault::open("test", root, tenant).unwrap();
+            Self::start_with(certs, bind, vault, tenant, &[Version::V1.alpn()])
+        }
+
+        fn start_with(
+            certs: &Certs,
+            bind: SocketAddr,
+            vault: LocalVault,
+            tenant: &'static str,
+            alpns: &[&[u8]],
+        ) -> Self {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-            let vault = Arc::new(LocalVault::open("test", root, tenant).unwrap());
+            let vault = Arc::new(vault);
             let identity = certs.identity(SERVER);
-            let endpoint = {
+            // A killed server's socket is released in the background (`kill`): a restart on
+            // its address may have to wait for it.
+            let bound_by = StdInstant::now() + Duration::from_secs(10);
+            let endpoint = loop {
                 let _entered = runtime.enter();
-                quic::endpoint(bind, &identity, &TransportConfig::default(), &[wire::ALPN], vec![CLIENT.into()])
-                    .unwrap()
+                match quic::endpoint(bind, &identity, &TransportConfig::default(), alpns, vec![CLIENT.into()]) {
+                    Ok(endpoint) => break endpoint,
+                    Err(quic::Error::Bind { error, .. })
+                        if error.kind() == io::ErrorKind::AddrInUse && StdInstant::now() < bound_by =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("bind the test server on {bind}: {e}"),
+                }
             };
             let addr = endpoint.local_addr().unwrap();
+            let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let run = Run { vault, tenant, instance: Instance::random(), served: Arc::clone(&served) };
             runtime.spawn(async move {
                 while let Some(incoming) = endpoint.accept().await {
-                    tokio::spawn(serve_connection(incoming, Arc::clone(&vault), tenant));
+                    tokio::spawn(serve_connection(incoming, run.clone()));
                 }
             });
-            Self { runtime: Some(runtime), addr }
+            Self { runtime: Some(runtime), addr, served }
+        }
+
+        fn served(&self) -> Vec<wire::Kind> {
+            self.served.lock().unwrap().clone()
         }
 
         /// Stops the server as a crash would: no CONNECTION_CLOSE is sent.
@@ -686,26 +866,41 @@ mod tests {
         }
     }
 
-    async fn serve_connection(incoming: quinn::Incoming, vault: Arc<LocalVault>, tenant: &str) {
+    /// What a test server's connections share.
+    #[derive(Clone)]
+    struct Run {
+        vault: Arc<LocalVault>,
+        tenant: &'static str,
+        instance: Instance,
+        served: Arc<std::sync::Mutex<Vec<wire::Kind>>>,
+    }
+
+    async fn serve_connection(incoming: quinn::Incoming, run: Run) {
         let Ok((conn, _)) = quic::accept(incoming, &[CLIENT.to_owned()]).await else { return };
+        let version = Version::from_alpn(&quic::alpn(&conn).unwrap()).unwrap();
         let mut opened = false;
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let header = wire::read_header(&mut recv, Direction::Request).await.unwrap();
-            let payload = wire::read_payload(&mut recv, &header).await.unwrap();
-            let response = match Request::decode(header.kind, payload).unwrap() {
-                Request::Hello { tenant: asked } if !opened && asked == tenant => {
+            let read = async {
+                let header = wire::read_header(&mut recv, Direction::Request, version).await?;
+                let payload = wire::read_payload(&mut recv, &header).await?;
+                Request::decode(version, header.kind, payload)
+            };
+            let response = match read.await {
+                Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+                Ok(Request::Hello { tenant: asked }) if !opened && asked == run.tenant => {
                     opened = true;
-                    Response::HelloOk
+                    Response::HelloOk { instance: (version >= Version::V2).then_some(run.instance) }
                 }
-                Request::Hello { tenant: asked } => {
+                Ok(Request::Hello { tenant: asked }) => {
                     Response::error(ErrorCode::Refused, format!("node {CLIENT:?} may not open tenant {asked:?}"))
                 }
-                request => {
-                    let vault = Arc::clone(&vault);
-                    tokio::task::spawn_blocking(move || wire::handle(vault.as_ref(), request)).await.unwrap()
+                Ok(request) => {
+                    run.served.lock().unwrap().push(request.kind());
+                    let vault = Arc::clone(&run.vault);
+                    tokio::task::spawn_blocking(move || wire::handle(vault.as_ref(), version, request)).await.unwrap()
                 }
             };
-            send.write_all(&response.encode().unwrap()).await.unwrap();
+            send.write_all(&response.encode(version).unwrap()).await.unwrap();
             send.finish().unwrap();
             let _ = send.stopped().await;
         }
@@ -730,6 +925,7 @@ mod tests {
         let (id, frame) = encode_chunk(&key, b"remote chunk", 3).unwrap();
         assert_eq!(vault.put_chunk(&id, &frame).unwrap(), Put::Written);
         assert_eq!(vault.put_chunk(&id, &frame).unwrap(), Put::AlreadyPresent);
+        vault.sync().unwrap();
         assert_eq!(vault.get_chunk(&id).unwrap(), frame);
         let other = ChunkId([9; 32]);
         assert_eq!(vault.has_chunks(&[id, other]).unwrap(), [true, false]);
@@ -770,6 +966,7 @@ mod tests {
                     for i in 0..8u8 {
                         let (id, frame) = encode_chunk(key, &[thread, i], 3).unwrap();
                         vault.put_chunk(&id, &frame).unwrap();
+                        vault.sync().unwrap();
                         assert_eq!(vault.get_chunk(&id).unwrap(), frame);
                     }
                 });
@@ -829,5 +1026,105 @@ mod tests {
         let e = vault.list_objects("").unwrap_err();
         assert!(e.is_transient(), "{e}");
         assert!(started.elapsed() <= RemoteVaultConfig::CONNECT_TIMEOUT + Duration::from_secs(1), "{e}");
+    }
+
+    /// A chunk put to a version-2 server is durable once `sync` returned: a server that
+    /// crashes afterwards still has it. `sync` sends one `Sync`, and none when no chunk
+    /// answer since the last one needs it.
+    #[test]
+    fn sync_makes_chunks_durable_on_a_deferring_server() {
+        let certs = Certs::new();
+        let data = tempfile::tempdir().unwrap();
+        let mut server = TestServer::start(&certs, loopback(), data.path(), "acme");
+        let addr = server.addr;
+        let vault = client(&certs, addr, "acme");
+        let key = TenantKey::from_bytes([7; 32]);
+        let (id, frame) = encode_chunk(&key, b"durable after sync", 3).unwrap();
+        vault.sync().unwrap();
+        assert_eq!(vault.put_chunk(&id, &frame).unwrap(), Put::Written);
+        assert!(vault.has_chunk(&id).unwrap());
+        vault.sync().unwrap();
+        vault.sync().unwrap();
+        assert_eq!(server.served().iter().filter(|kind| **kind == wire::Kind::Sync).count(), 1);
+
+        server.kill();
+        let server = TestServer::start(&certs, addr, data.path(), "acme");
+        let fresh = client(&certs, server.addr, "acme");
+        assert_eq!(fresh.get_chunk(&id).unwrap(), frame);
+    }
+
+    /// Regression: a version-2 server that crashed between a put and the client's `Sync`
+    /// lost the pending chunk, and the `Sync` — sent over a new connection to the restarted
+    /// server, which had nothing pending — succeeded, so the caller would have written a
+    /// manifest naming a chunk that was gone. The client now compares the server's run
+    /// (`HelloOk`) that synced with the one that answered the put, and fails the sync
+    /// (transient: the retried upload sends the chunk again).
+    #[test]
+    fn a_server_restart_before_sync_fails_the_sync() {
+        let certs = Certs::new();
+        let data = tempfile::tempdir().unwrap();
+        let mut server = TestServer::start(&certs, loopback(), data.path(), "acme");
+        let addr = server.addr;
+        let vault = client(&certs, addr, "acme");
+        let key = TenantKey::from_bytes([8; 32]);
+        let (id, frame) = encode_chunk(&key, b"pending when the server died", 3).unwrap();
+        assert_eq!(vault.put_chunk(&id, &frame).unwrap(), Put::Written);
+
+        server.kill();
+        let _server = TestServer::start(&certs, addr, data.path(), "acme");
+        let deadline = StdInstant::now() + Duration::from_secs(20);
+        let e = loop {
+            match vault.sync() {
+                Err(VaultError::Unavailable { reason, .. }) if reason.contains("restarted") => break reason,
+                Err(e) if e.is_transient() && StdInstant::now() < deadline => {}
+                other => panic!("the sync after the restart: {other:?}"),
+            }
+        };
+        assert!(e.contains("may be lost"), "{e}");
+        // The restart is reported once; the retry sends the chunk again (whether the crash
+        // lost it is the store's business) and syncs.
+        vault.put_chunk(&id, &frame).unwrap();
+        vault.sync().unwrap();
+        assert_eq!(vault.get_chunk(&id).unwrap(), frame);
+
+        // A chunk answered "present" while pending counts too.
+        let (other, other_frame) = encode_chunk(&key, b"another client's pending chunk", 3).unwrap();
+        let second = client(&certs, addr, "acme");
+        second.put_chunk(&other, &other_frame).unwrap();
+        assert_eq!(vault.has_chunks(&[other]).unwrap(), [true]);
+        drop(_server);
+        let _server = TestServer::start(&certs, addr, data.path(), "acme");
+        let deadline = StdInstant::now() + Duration::from_secs(20);
+        loop {
+            match vault.sync() {
+                Err(VaultError::Unavailable { reason, .. }) if reason.contains("restarted") => break,
+                Err(e) if e.is_transient() && StdInstant::now() < deadline => {}
+                other => panic!("the sync after the second restart: {other:?}"),
+            }
+        }
+    }
+
+    /// A client of this version and a server of before version 2: the handshake settles
+    /// on version 1, whose server makes every chunk durable before it answers, so `sync`
+    /// sends nothing (that server would not understand `Sync`) and the chunk survives a
+    /// crash all the same.
+    #[test]
+    fn an_old_server_is_spoken_to_in_version_one_without_sync() {
+        let certs = Certs::new();
+        let data = tempfile::tempdir().unwrap();
+        let mut server = TestServer::start_v1(&certs, loopback(), data.path(), "acme");
+        let addr = server.addr;
+        let vault = client(&certs, addr, "acme");
+        let key = TenantKey::from_bytes([9; 32]);
+        let (id, frame) = encode_chunk(&key, b"version one", 3).unwrap();
+        assert_eq!(vault.put_chunk(&id, &frame).unwrap(), Put::Written);
+        assert_eq!(vault.get_chunk(&id).unwrap(), frame);
+        vault.sync().unwrap();
+        assert!(!server.served().contains(&wire::Kind::Sync), "{:?}", server.served());
+
+        server.kill();
+        let _server = TestServer::start_v1(&certs, addr, data.path(), "acme");
+        let fresh = client(&certs, addr, "acme");
+        assert_eq!(fresh.get_chunk(&id).unwrap(), frame);
     }
 }

@@ -32,7 +32,7 @@ use keel_net::CancellationToken;
 use keel_snapshot::create;
 use serde::{Deserialize, Serialize};
 
-use super::Runner;
+use super::{GroupConfig, Runner};
 
 /// `[snapshots] take_on`: which node of a replicated pair takes scheduled snapshots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +66,46 @@ pub enum ScheduledJob {
     PrimaryDeferred(Arc<ReplVolume>),
     /// This node is the UpToDate standby: take it here.
     Standby(Arc<ReplVolume>),
+    /// A consistency group whose members are all writable here (unreplicated, or this
+    /// node is their primary): claim the replicated members' markers, then take the group.
+    Group(GroupJob),
+}
+
+/// A consistency group's scheduled snapshot on this node.
+#[derive(Debug)]
+pub struct GroupJob {
+    /// The group.
+    pub group: GroupConfig,
+    /// Every member's volume.
+    pub volumes: Vec<Arc<Volume>>,
+    /// The members that are replicated (this node is their primary).
+    pub replicated: Vec<Arc<ReplVolume>>,
+}
+
+impl GroupJob {
+    /// The job for `group` on this node: `Ok(None)` when a member is a standby here (its
+    /// primary takes the group), an error when a member is not on this node at all.
+    pub fn find(
+        group: &GroupConfig,
+        single: &[Arc<Volume>],
+        replicated: Option<&std::collections::HashMap<String, Arc<ReplVolume>>>,
+    ) -> Result<Option<Self>, String> {
+        let mut job = GroupJob { group: group.clone(), volumes: Vec::new(), replicated: Vec::new() };
+        for name in &group.volumes {
+            if let Some(volume) = single.iter().find(|v| v.name() == name) {
+                job.volumes.push(Arc::clone(volume));
+            } else if let Some(rv) = replicated.and_then(|r| r.get(name)) {
+                if rv.role() != Role::Primary {
+                    return Ok(None);
+                }
+                job.volumes.push(Arc::clone(rv.volume()));
+                job.replicated.push(Arc::clone(rv));
+            } else {
+                return Err(format!("group {}: volume {name} is not on this node", group.name));
+            }
+        }
+        Ok(Some(job))
+    }
 }
 
 impl ScheduledJob {
@@ -154,7 +194,7 @@ impl Runner {
             match job {
                 ScheduledJob::Standby(rv) => standby.push(rv),
                 ScheduledJob::PrimaryDeferred(rv) => deferred.push(rv),
-                job @ (ScheduledJob::Local(_) | ScheduledJob::Primary(_)) => here.push(job),
+                job @ (ScheduledJob::Local(_) | ScheduledJob::Primary(_) | ScheduledJob::Group(_)) => here.push(job),
             }
         }
         let frozen: Vec<(Arc<ReplVolume>, Result<Frozen>)> =
@@ -175,6 +215,7 @@ impl Runner {
                         continue;
                     }
                 },
+                ScheduledJob::Group(job) => (job.group.name.clone(), self.scheduled_group(job, &marker)),
                 ScheduledJob::PrimaryDeferred(_) | ScheduledJob::Standby(_) => continue,
             };
             if let Err(e) = taken {
@@ -208,6 +249,20 @@ impl Runner {
                 tracing::warn!(volume = %rv.name(), "scheduled snapshot (the standby did not take it) failed: {e:#}");
             }
         }
+    }
+
+    /// A group's scheduled snapshot: every replicated member's marker is claimed first
+    /// (a standby never takes a group member, so the claims only guard against a second
+    /// firing of the same name), then the group is taken.
+    fn scheduled_group(&self, job: &GroupJob, marker: &str) -> Result<serde_json::Value> {
+        for rv in &job.replicated {
+            if let Err(reason) = rv.claim_snapshot_marker(marker) {
+                self.skipped(rv, marker, &reason);
+                bail!("group {}: member {} was not claimed: {reason}", job.group.name, rv.name());
+            }
+            rv.check_writable().map_err(|e| anyhow!("{e}; not taking group {} here", job.group.name))?;
+        }
+        self.snapshot_group(&job.group, &job.volumes, marker)
     }
 
     fn skipped(&self, rv: &ReplVolume, marker: &str, reason: &str) {
