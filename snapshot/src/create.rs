@@ -16,7 +16,7 @@
 //! - The upload holds a lease ([`UploadLease`]) so GC cannot sweep chunks it is about to
 //!   reference; the manifest is written only while the lease is valid, and last.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Mutex;
 
@@ -148,6 +148,10 @@ impl CreateError {
 
 /// Chunks read between two [`Vault::sync`] calls while a snapshot is taken.
 const SYNC_EVERY: usize = 4096;
+/// Reader threads of a snapshot (half as many for chunks over 1 MiB): reads of scattered
+/// chunks wait for the disk, and several in flight keep it busy. The sealing threads are
+/// the CPU-bound part.
+const READERS: usize = 4;
 
 /// A new snapshot id: the UTC time to the microsecond and 32 random bits, so the ids of
 /// one volume's snapshots sort in the order they were taken (`20261130T070000.123456Z-…`).
@@ -272,23 +276,31 @@ pub fn create_snapshot(
 
     let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(threads * 2);
     let work_rx = Mutex::new(work_rx);
-    let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(threads * 2 + 1);
-    for _ in 0..threads * 2 + 1 {
+    let readers = if chunk_size <= 1 << 20 { READERS } else { READERS / 2 };
+    let buffers = threads * 2 + readers + 1;
+    let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
         let _ = free_tx.send(vec![0u8; chunk_size as usize]);
     }
+    let free_rx: Mutex<Receiver<Vec<u8>>> = Mutex::new(free_rx);
+    let next_read = AtomicUsize::new(0);
     let (done_tx, done_rx) = mpsc::channel::<(u64, [u8; 32])>();
 
     std::thread::scope(|scope| {
-        // Reader: reads the chunks in order, one buffer at a time from the free list.
-        let reader_tx: SyncSender<(u64, Vec<u8>)> = work_tx;
-        let free_rx: Receiver<Vec<u8>> = free_rx;
+        // Readers: each takes the next chunk in order and a buffer from the free list.
+        // Several, so that an incremental's scattered chunks keep several reads in flight
+        // (one reader waited for the disk on every chunk: 1.2 s for 10 104 chunks).
         let (to_read, cancel, fail, volume, bytes_read) = (&to_read, &cancel, &fail, &volume, &bytes_read);
-        let reader = scope.spawn(move || {
-            for &index in to_read {
+        let (free_rx, next_read) = (&free_rx, &next_read);
+        let mut reader_threads = Vec::with_capacity(readers);
+        for _ in 0..readers {
+            let reader_tx: SyncSender<(u64, Vec<u8>)> = work_tx.clone();
+            reader_threads.push(scope.spawn(move || loop {
                 if cancel.load(Ordering::Acquire) {
                     return;
                 }
-                let Ok(mut buf) = free_rx.recv() else { return };
+                let Ok(mut buf) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { return };
+                let Some(&index) = to_read.get(next_read.fetch_add(1, Ordering::Relaxed)) else { return };
                 let offset = index * chunk_size;
                 let len = chunk_size.min(size - offset) as usize;
                 buf.resize(len, 0);
@@ -302,8 +314,9 @@ pub fn create_snapshot(
                 if reader_tx.send((index, buf)).is_err() {
                     return;
                 }
-            }
-        });
+            }));
+        }
+        drop(work_tx);
         // Workers: hole check, keyed hash, dedup check, seal, put.
         for _ in 0..threads {
             let done_tx = done_tx.clone();
@@ -360,7 +373,9 @@ pub fn create_snapshot(
                 break;
             }
         }
-        let _ = reader.join();
+        for reader in reader_threads {
+            let _ = reader.join();
+        }
     });
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         lease.abandon();
