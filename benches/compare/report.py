@@ -320,7 +320,7 @@ def snapshot(results):
     print(f"Churn: {c['churn_pages']} random {c['page_bytes'] >> 10} KiB pages (1 %, "
           f"{c['churn_pages'] * c['page_bytes'] / 2**20:.0f} MiB) overwritten with random bytes. "
           f"Page caches dropped before every step: {'yes' if c['drop_caches'] else 'NO'}. "
-          f"Keel sealing/restore threads: {c['keel_threads']}.\n")
+          f"Keel sealing/restore threads: {c['keel_threads']}; zstd level {c.get('keel_zstd', 3)}.\n")
 
     def cell(t):
         return "-" if t is None else f"{t['wall']:.1f} s ({image / 2**20 / t['wall']:.0f} MiB/s)"

@@ -19,7 +19,7 @@
 #            pages are kept and written back after each system's turn, so every system sees
 #            the same pristine image for its full backup and the same churned one after.
 #   keel     target/release/snapshot-bench into a local vault, per chunk size in
-#            KEEL_CHUNK_SIZES (64K 256K 1M), zstd 3, one sealing thread per CPU:
+#            KEEL_CHUNK_SIZES (64K 256K 1M), zstd KEEL_ZSTD (3), one sealing thread per CPU:
 #            full, then churn + incr (the change map's 64 KiB regions of the written pages,
 #            rounded up to chunks), then restore into a new sparse file
 #   restic   restic backup of the image file (repository v2, compression auto = zstd
@@ -45,6 +45,7 @@
 #   PGBENCH_SCALE         pgbench -i scale (default 20 x GiB: ~2.5 GiB of tables at 8 GiB)
 #   KEEL_CHUNK_SIZES      Keel chunk sizes to measure ("64K 256K 1M")
 #   KEEL_THREADS          snapshot-bench --threads (default: CPUs)
+#   KEEL_ZSTD             snapshot-bench --zstd, Keel's zstd level (default 3, as [snapshots])
 #   SNAPSHOT_BENCH_BIN    the binary (default target/release/snapshot-bench, built first)
 #   SYSTEMS               which systems to run ("keel restic borg")
 #   CHURN_SEED            seed of the churn (1)
@@ -66,6 +67,7 @@ esac
 PGBENCH_SCALE=${PGBENCH_SCALE:-$((20 * GIB))}
 KEEL_CHUNK_SIZES=${KEEL_CHUNK_SIZES:-64K 256K 1M}
 KEEL_THREADS=${KEEL_THREADS:-$(nproc)}
+KEEL_ZSTD=${KEEL_ZSTD:-3}
 SYSTEMS=${SYSTEMS:-keel restic borg}
 CHURN_SEED=${CHURN_SEED:-1}
 KEEP_RESULTS=${KEEP_RESULTS:-}
@@ -288,7 +290,7 @@ json.dump({
     "image_bytes": $IMAGE_BYTES, "ext4_bytes": $FS_BYTES, "ext4_used_bytes": $FS_USED_BYTES,
     "pgdata_bytes": $PGDATA_BYTES, "pgbench_scale": $PGBENCH_SCALE, "random_bytes": $RANDOM_BYTES,
     "zero_bytes": $ZERO_BYTES, "churn_pages": $CHANGED_PAGES, "page_bytes": 8192, "churn_seed": $CHURN_SEED,
-    "drop_caches": bool($DROP_CACHES), "keel_threads": $KEEL_THREADS,
+    "drop_caches": bool($DROP_CACHES), "keel_threads": $KEEL_THREADS, "keel_zstd": $KEEL_ZSTD,
 }, open(sys.argv[1], "w"))
 EOF
 echo "   ext4 $((FS_BYTES >> 20)) MiB ($((FS_USED_BYTES >> 20)) MiB used; data directory $((PGDATA_BYTES >> 20)) MiB)," \
@@ -309,11 +311,11 @@ if [[ " $SYSTEMS " == *" keel "* ]]; then
         repo=$WORK/keel-repo
         name=keel-$chunk
         measure "$name-full" "$SNAPSHOT_BENCH_BIN" full --image "$IMAGE" --repo "$repo" --chunk-size "$chunk" \
-            --zstd 3 --threads "$KEEL_THREADS"
+            --zstd "$KEEL_ZSTD" --threads "$KEEL_THREADS"
         repo_size "$name-full" "$repo"
         churn
         measure "$name-incr" "$SNAPSHOT_BENCH_BIN" incr --image "$IMAGE" --repo "$repo" --changed-pages "$PAGES" \
-            --zstd 3 --threads "$KEEL_THREADS"
+            --zstd "$KEEL_ZSTD" --threads "$KEEL_THREADS"
         repo_size "$name-incr" "$repo"
         measure "$name-restore" "$SNAPSHOT_BENCH_BIN" restore --repo "$repo" --to "$WORK/restored.img" \
             --threads "$KEEL_THREADS"
