@@ -90,6 +90,25 @@ pub enum RestoreError {
     },
 }
 
+/// [`fetch_chunk`] for entry `index` of `snapshot`, whose plaintext must be `len` bytes:
+/// the chunk and the errors of the vaults tried before the one that had it.
+fn fetch_checked(
+    key: &TenantKey,
+    vaults: &[&dyn Vault],
+    id: &ChunkId,
+    snapshot: &str,
+    index: usize,
+    len: u64,
+) -> Result<(Vec<u8>, Option<String>), RestoreError> {
+    let error =
+        |errors: String| RestoreError::Chunk { snapshot: snapshot.to_owned(), index: index as u64, id: *id, errors };
+    match fetch_chunk(key, vaults, id) {
+        Ok((plain, fallback)) if plain.len() as u64 == len => Ok((plain, fallback)),
+        Ok((plain, _)) => Err(error(format!("decodes to {} bytes, the manifest expects {len}", plain.len()))),
+        Err(errors) => Err(error(errors.join("; "))),
+    }
+}
+
 /// Fetches and decodes chunk `id`, trying each vault in turn. Returns the plaintext and,
 /// when a later vault had to answer, the errors of the ones before.
 pub fn fetch_chunk(
@@ -140,31 +159,25 @@ pub fn restore(
                     }
                     let (offset, len) = manifest.chunk_range(index);
                     let result = match manifest.chunk(index) {
-                        Some(ChunkRef::Data(id)) => match fetch_chunk(key, vaults, &id) {
-                            Ok((plain, fallback)) if plain.len() as u64 == len => target
-                                .write_at(offset, &plain)
-                                .map(|()| {
-                                    let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
-                                    r.chunks_written += 1;
-                                    r.bytes_written += len;
-                                    if let Some(errors) = fallback {
-                                        r.fallbacks.push((id, errors));
-                                    }
-                                })
-                                .map_err(|reason| RestoreError::Write { snapshot: snapshot.clone(), offset, reason }),
-                            Ok((plain, _)) => Err(RestoreError::Chunk {
-                                snapshot: snapshot.clone(),
-                                index: index as u64,
-                                id,
-                                errors: format!("decodes to {} bytes, the manifest expects {len}", plain.len()),
-                            }),
-                            Err(errors) => Err(RestoreError::Chunk {
-                                snapshot: snapshot.clone(),
-                                index: index as u64,
-                                id,
-                                errors: errors.join("; "),
-                            }),
-                        },
+                        Some(ChunkRef::Data(id)) => {
+                            fetch_checked(key, vaults, &id, &snapshot, index, len).and_then(|(plain, fallback)| {
+                                target
+                                    .write_at(offset, &plain)
+                                    .map(|()| {
+                                        let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+                                        r.chunks_written += 1;
+                                        r.bytes_written += len;
+                                        if let Some(errors) = fallback {
+                                            r.fallbacks.push((id, errors));
+                                        }
+                                    })
+                                    .map_err(|reason| RestoreError::Write {
+                                        snapshot: snapshot.clone(),
+                                        offset,
+                                        reason,
+                                    })
+                            })
+                        }
                         _ => {
                             report.lock().unwrap_or_else(|p| p.into_inner()).holes += 1;
                             if options.target_is_zeroed {
@@ -274,26 +287,14 @@ fn export_ordered(
                 }
                 let (_, len) = manifest.chunk_range(index);
                 let item = match manifest.chunk(index) {
-                    Some(ChunkRef::Data(id)) => match fetch_chunk(key, vaults, &id) {
-                        Ok((plain, fallback)) if plain.len() as u64 == len => {
+                    Some(ChunkRef::Data(id)) => {
+                        fetch_checked(key, vaults, &id, &snapshot, index, len).map(|(plain, fallback)| {
                             if let Some(e) = fallback {
                                 fallbacks.lock().unwrap_or_else(|p| p.into_inner()).push((id, e));
                             }
-                            Ok(Some(plain))
-                        }
-                        Ok((plain, _)) => Err(RestoreError::Chunk {
-                            snapshot: snapshot.clone(),
-                            index: index as u64,
-                            id,
-                            errors: format!("decodes to {} bytes, the manifest expects {len}", plain.len()),
-                        }),
-                        Err(errors) => Err(RestoreError::Chunk {
-                            snapshot: snapshot.clone(),
-                            index: index as u64,
-                            id,
-                            errors: errors.join("; "),
-                        }),
-                    },
+                            Some(plain)
+                        })
+                    }
                     _ => Ok(None),
                 };
                 window.lock().unwrap_or_else(|p| p.into_inner()).slots.insert(index, item);

@@ -268,12 +268,16 @@ fn export_import_verify_heal_retention_and_gc() {
     keel(&daemon, &["snapshot", "export", &ids[2], "-o", raw.to_str().unwrap(), "--format", "raw"]);
     assert!(std::fs::read(&raw).unwrap() == expected, "raw export differs");
 
-    // Damage the repo: flip a byte in one chunk, delete another. Verify names and heals them.
+    // Damage the repo: flip a byte in one chunk, delete another, both used by the newest
+    // snapshot (verify checks the chunks snapshots reference; the forgotten snapshot's own
+    // chunks wait for GC). Verify names and heals them.
     {
-        use keel_snapshot::vault::Vault as _;
+        use keel_snapshot::maintain;
         use std::os::unix::fs::FileExt;
         let repo = keel_snapshot::vault::LocalVault::open("local", daemon.dir().join("data/repo"), "acme").unwrap();
-        let chunks: Vec<_> = repo.list_chunks(None, usize::MAX).unwrap().into_iter().map(|c| c.id).collect();
+        let newest =
+            maintain::read_manifest(&repo, &keel_snapshot::vault::keys::manifest("fs", &ids[2]), None).unwrap();
+        let chunks = maintain::distinct_chunks(&newest);
         assert!(chunks.len() > 10);
         let at = repo.store().locate(&chunks[3]).unwrap().unwrap();
         let pack = std::fs::OpenOptions::new().read(true).write(true).open(&at.pack).unwrap();

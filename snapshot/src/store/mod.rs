@@ -78,7 +78,7 @@ use self::pack::{FileKind, Record, RecordKind, ENTRY_ID_LEN, HEADER_LEN, MAX_FRA
 use self::shared::{flock, open_generation};
 use self::state::State;
 use crate::chunk::check_frame;
-use crate::durable::fsync_dir;
+use crate::durable::{fdatasync, fsync_dir};
 use crate::error::StoreError;
 use crate::key::ChunkId;
 use crate::lease::now_unix;
@@ -799,12 +799,6 @@ fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
-}
-
-/// fdatasync: the file's data and the metadata needed to read it back (its length), not
-/// its timestamps. Packs before their records are written; logs before `sync` returns.
-fn fdatasync(file: &File, path: &Path, op: &'static str) -> Result<(), StoreError> {
-    file.sync_data().map_err(|source| StoreError::Io { op, path: path.to_owned(), source })
 }
 
 /// Appends `bytes` (whole records, or a header) to a log opened with `O_APPEND`, in one
