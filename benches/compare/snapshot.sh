@@ -50,6 +50,10 @@
 #   SYSTEMS               which systems to run ("keel restic borg")
 #   CHURN_SEED            seed of the churn (1)
 #   KEEP_RESULTS          copy the raw results (time -v output, JSON lines, sizes) here
+#   KEEL_BENCH_IMAGE_CACHE  a directory that keeps the pristine image between runs: built
+#                         there on the first run (same size, scale and seed), copied from
+#                         there after (reflink where the filesystem can); saves the
+#                         initdb + pgbench -i minutes when iterating
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -71,6 +75,7 @@ KEEL_ZSTD=${KEEL_ZSTD:-3}
 SYSTEMS=${SYSTEMS:-keel restic borg}
 CHURN_SEED=${CHURN_SEED:-1}
 KEEP_RESULTS=${KEEP_RESULTS:-}
+IMAGE_CACHE=${KEEL_BENCH_IMAGE_CACHE:-}
 PGBIN=/usr/lib/postgresql/15/bin
 IMAGE_BYTES=$((GIB << 30))
 
@@ -169,53 +174,9 @@ repo_size() {
 }
 
 # --- the image ------------------------------------------------------------------------
-echo "== PostgreSQL data directory: initdb + pgbench -i -s $PGBENCH_SCALE"
-mkdir -p "$PGDIR/root"
-chown -R postgres: "$PGDIR"
-runuser -u postgres -- "$PGBIN/initdb" -D "$PGDIR/root/pgdata" -A trust -E UTF8 --no-sync >"$WORK/initdb.log" 2>&1 ||
-    {
-        cat "$WORK/initdb.log" >&2
-        die "initdb failed"
-    }
-# No TCP at all; a bounded pg_wal so the directory is mostly table and index pages.
-cat >>"$PGDIR/root/pgdata/postgresql.conf" <<EOF
-listen_addresses = ''
-unix_socket_directories = '$PGDIR'
-max_wal_size = 128MB
-min_wal_size = 32MB
-fsync = off
-EOF
-PG_RUNNING=1
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDIR/root/pgdata" -l "$PGDIR/postgres.log" -w start >/dev/null
-runuser -u postgres -- "$PGBIN/pgbench" -h "$PGDIR" -i -s "$PGBENCH_SCALE" -q postgres >"$WORK/pgbench.log" 2>&1 ||
-    {
-        tail -20 "$WORK/pgbench.log" >&2
-        die "pgbench -i failed"
-    }
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDIR/root/pgdata" -m fast -w stop >/dev/null
-PG_RUNNING=0
-# fsync = off only sped up the load; the image holds a cleanly shut-down cluster.
-sed -i 's/^fsync = off$//' "$PGDIR/root/pgdata/postgresql.conf"
-PGDATA_BYTES=$(du -sb "$PGDIR/root/pgdata" | cut -f1)
-
 FS_BYTES=$((IMAGE_BYTES / 8 * 5))
 RANDOM_BYTES=$((IMAGE_BYTES / 8))
 ZERO_BYTES=$((IMAGE_BYTES - FS_BYTES - RANDOM_BYTES))
-((PGDATA_BYTES < FS_BYTES * 85 / 100)) ||
-    die "the data directory ($PGDATA_BYTES bytes) does not fit the filesystem ($FS_BYTES); lower PGBENCH_SCALE"
-echo "== image: ext4 with the data directory, random, zeros"
-mkfs.ext4 -q -F -L keelbench -d "$PGDIR/root" "$WORK/fs.ext4" "$((FS_BYTES >> 10))k" >"$WORK/mkfs.log" 2>&1 ||
-    {
-        cat "$WORK/mkfs.log" >&2
-        die "mkfs.ext4 -d failed"
-    }
-FS_USED_BYTES=$(dumpe2fs -h "$WORK/fs.ext4" 2>/dev/null | python3 -c '
-import sys
-f = dict(line.split(":", 1) for line in sys.stdin if ":" in line)
-count, free, size = (int(f[k].strip()) for k in ("Block count", "Free blocks", "Block size"))
-print((count - free) * size)')
-rm -rf "$PGDIR"
-
 # image_tool: builds the image (every byte written, holes included) and applies or undoes
 # the churn. Seeded, so two runs make the same image and churn the same pages.
 image_tool() {
@@ -265,8 +226,73 @@ elif op == "revert":
     os.close(fd)
 EOF
 }
+
+# build_image: initdb + pgbench -i into an ext4 image, then the random and zero parts;
+# sets PGDATA_BYTES and FS_USED_BYTES. (Not indented: it holds here-documents.)
+build_image() {
+echo "== PostgreSQL data directory: initdb + pgbench -i -s $PGBENCH_SCALE"
+mkdir -p "$PGDIR/root"
+chown -R postgres: "$PGDIR"
+runuser -u postgres -- "$PGBIN/initdb" -D "$PGDIR/root/pgdata" -A trust -E UTF8 --no-sync >"$WORK/initdb.log" 2>&1 ||
+    {
+        cat "$WORK/initdb.log" >&2
+        die "initdb failed"
+    }
+# No TCP at all; a bounded pg_wal so the directory is mostly table and index pages.
+cat >>"$PGDIR/root/pgdata/postgresql.conf" <<EOF
+listen_addresses = ''
+unix_socket_directories = '$PGDIR'
+max_wal_size = 128MB
+min_wal_size = 32MB
+fsync = off
+EOF
+PG_RUNNING=1
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDIR/root/pgdata" -l "$PGDIR/postgres.log" -w start >/dev/null
+runuser -u postgres -- "$PGBIN/pgbench" -h "$PGDIR" -i -s "$PGBENCH_SCALE" -q postgres >"$WORK/pgbench.log" 2>&1 ||
+    {
+        tail -20 "$WORK/pgbench.log" >&2
+        die "pgbench -i failed"
+    }
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDIR/root/pgdata" -m fast -w stop >/dev/null
+PG_RUNNING=0
+# fsync = off only sped up the load; the image holds a cleanly shut-down cluster.
+sed -i 's/^fsync = off$//' "$PGDIR/root/pgdata/postgresql.conf"
+PGDATA_BYTES=$(du -sb "$PGDIR/root/pgdata" | cut -f1)
+
+((PGDATA_BYTES < FS_BYTES * 85 / 100)) ||
+    die "the data directory ($PGDATA_BYTES bytes) does not fit the filesystem ($FS_BYTES); lower PGBENCH_SCALE"
+echo "== image: ext4 with the data directory, random, zeros"
+mkfs.ext4 -q -F -L keelbench -d "$PGDIR/root" "$WORK/fs.ext4" "$((FS_BYTES >> 10))k" >"$WORK/mkfs.log" 2>&1 ||
+    {
+        cat "$WORK/mkfs.log" >&2
+        die "mkfs.ext4 -d failed"
+    }
+FS_USED_BYTES=$(dumpe2fs -h "$WORK/fs.ext4" 2>/dev/null | python3 -c '
+import sys
+f = dict(line.split(":", 1) for line in sys.stdin if ":" in line)
+count, free, size = (int(f[k].strip()) for k in ("Block count", "Free blocks", "Block size"))
+print((count - free) * size)')
+rm -rf "$PGDIR"
+
 image_tool build "$IMAGE" "$WORK/fs.ext4" "$RANDOM_BYTES" "$ZERO_BYTES" "$CHURN_SEED"
 rm -f "$WORK/fs.ext4"
+}
+
+cache_key="gib=$GIB scale=$PGBENCH_SCALE seed=$CHURN_SEED"
+if [[ -n $IMAGE_CACHE && -f $IMAGE_CACHE/image.raw && -f $IMAGE_CACHE/image.env &&
+    $(sed -n 1p "$IMAGE_CACHE/image.env") == "# $cache_key" ]]; then
+    echo "== image from the cache $IMAGE_CACHE ($cache_key)"
+    cp --reflink=auto "$IMAGE_CACHE/image.raw" "$IMAGE"
+    # shellcheck disable=SC1091
+    source "$IMAGE_CACHE/image.env"
+else
+    build_image
+    if [[ -n $IMAGE_CACHE ]]; then
+        mkdir -p "$IMAGE_CACHE"
+        cp --reflink=auto "$IMAGE" "$IMAGE_CACHE/image.raw"
+        printf '# %s\nPGDATA_BYTES=%s\nFS_USED_BYTES=%s\n' "$cache_key" "$PGDATA_BYTES" "$FS_USED_BYTES" >"$IMAGE_CACHE/image.env"
+    fi
+fi
 PRISTINE_SUM=$(cksum <"$IMAGE")
 
 churn() {

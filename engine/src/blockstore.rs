@@ -70,6 +70,15 @@ impl BlockStore {
         Ok(())
     }
 
+    /// [`BlockStore::read`] for a bulk reader: bypasses the page cache where it can
+    /// ([`Storage::read_uncached`]).
+    pub(crate) fn read_uncached(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (file, at, from, n) in self.pieces(offset, buf.len() as u64) {
+            file.read_uncached(&mut buf[from as usize..(from + n) as usize], at)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         for (file, at, from, n) in self.pieces(offset, data.len() as u64) {
             file.write_at(&data[from as usize..(from + n) as usize], at)?;

@@ -13,6 +13,7 @@ mod s3_vault;
 mod sigkill;
 mod snapshot;
 mod snapshot_group;
+mod snapshot_group_standby;
 mod snapshot_postgres;
 mod snapshot_serve;
 mod snapshot_standby;

@@ -21,7 +21,7 @@ use keel_net::CancellationToken;
 use crate::config::{nbd_unix_uri, NodeConfig, VolumeConfig};
 use crate::control::{ControlHandler, ControlRequest, ControlResponse};
 use crate::daemon::absolute;
-use crate::snapshot::{GroupJob, ScheduledJob, TakeOn};
+use crate::snapshot::{GroupJob, GroupPlace, ScheduledJob, StandbyGroupJob, TakeOn};
 
 /// Default hook timeout.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -209,7 +209,7 @@ impl Control {
     /// ([`ScheduledJob::for_replicated`]).
     ///
     /// The members of a consistency group are taken as one job, where all of them are
-    /// writable ([`GroupJob::find`]); never one by one.
+    /// writable or on their common standby ([`ScheduledJob::for_group`]); never one by one.
     pub fn snapshot_volumes(&self) -> Vec<ScheduledJob> {
         let take_on = self.snapshots.as_ref().map_or_else(TakeOn::default, |runner| runner.repo.take_on);
         let groups = self.snapshots.as_ref().map(|runner| runner.repo.groups.as_slice()).unwrap_or_default();
@@ -224,13 +224,8 @@ impl Control {
                     .filter_map(|rv| ScheduledJob::for_replicated(rv, take_on)),
             );
         }
-        for group in groups {
-            match GroupJob::find(group, &self.single, self.ctx.as_ref().map(|c| &c.volumes)) {
-                Ok(Some(job)) => out.push(ScheduledJob::Group(job)),
-                Ok(None) => {}
-                Err(reason) => tracing::warn!("scheduled snapshot not taken: {reason}"),
-            }
-        }
+        let replicated = self.ctx.as_ref().map(|c| &c.volumes);
+        out.extend(groups.iter().filter_map(|group| ScheduledJob::for_group(group, &self.single, replicated, take_on)));
         out
     }
 
@@ -284,24 +279,19 @@ impl Control {
 }
 
 impl Control {
-    /// `keel snapshot create GROUP`: every member must be writable on this node.
+    /// `keel snapshot create GROUP`: every member must be writable on this node, or every
+    /// member replicated with this node their standby (which then takes the group from
+    /// its own copies when each is consistent and connected, else refuses saying why).
     async fn snapshot_group(
         &self,
         runner: Arc<crate::snapshot::Runner>,
         group: &crate::snapshot::GroupConfig,
         marker: Option<String>,
     ) -> ControlResponse {
-        let job = match GroupJob::find(group, &self.single, self.ctx.as_ref().map(|c| &c.volumes)) {
-            Ok(Some(job)) => job,
-            Ok(None) => {
-                return ControlResponse::Refused {
-                    message: format!(
-                        "group {}: a member is a standby on this node; a group is snapshotted on its primary",
-                        group.name
-                    ),
-                }
-            }
-            Err(message) => return ControlResponse::Refused { message },
+        let job = match GroupJob::locate(group, &self.single, self.ctx.as_ref().map(|c| &c.volumes)) {
+            Ok(GroupPlace::Here(job)) => job,
+            Ok(GroupPlace::Standby(job)) => return self.snapshot_group_standby(runner, job, marker).await,
+            Ok(GroupPlace::Elsewhere(message)) | Err(message) => return ControlResponse::Refused { message },
         };
         for rv in &job.replicated {
             if let Err(e) = rv.check_writable() {
@@ -311,6 +301,33 @@ impl Control {
         let marker = marker.unwrap_or_else(|| "manual".into());
         let name = group.name.clone();
         let taken = tokio::task::spawn_blocking(move || runner.snapshot_group(&job.group, &job.volumes, &marker)).await;
+        match taken {
+            Ok(Ok(details)) => ControlResponse::Done {
+                message: format!("snapshot {} of group {name} taken", details["snapshot"].as_str().unwrap_or("?")),
+                details,
+            },
+            Ok(Err(e)) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e:#}") },
+            Err(e) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e}") },
+        }
+    }
+
+    /// `keel snapshot create GROUP` on the standby of every member.
+    async fn snapshot_group_standby(
+        &self,
+        runner: Arc<crate::snapshot::Runner>,
+        job: StandbyGroupJob,
+        marker: Option<String>,
+    ) -> ControlResponse {
+        if let Err(message) = job.ready() {
+            return ControlResponse::Refused { message };
+        }
+        // Unique, so that no other marker can be mistaken for this one.
+        let marker = marker.unwrap_or_else(|| {
+            let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+            format!("manual-{}-{ms}", self.node)
+        });
+        let name = job.group.name.clone();
+        let taken = tokio::task::spawn_blocking(move || runner.snapshot_group_standby(&job, &marker)).await;
         match taken {
             Ok(Ok(details)) => ControlResponse::Done {
                 message: format!("snapshot {} of group {name} taken", details["snapshot"].as_str().unwrap_or("?")),

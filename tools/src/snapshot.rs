@@ -29,7 +29,7 @@ use crate::units::parse_size;
 mod group;
 mod standby;
 pub use group::{GroupConfig, GroupMember};
-pub use standby::{GroupJob, ScheduledJob, TakeOn, STANDBY_CLAIM_GRACE};
+pub use standby::{GroupJob, GroupPlace, ScheduledJob, StandbyGroupJob, TakeOn, STANDBY_CLAIM_GRACE};
 
 /// The default chunk size. 64 KiB matches the change map's regions, so an incremental
 /// reads exactly the regions written; docs/snapshots.md has the measurement behind it.
@@ -931,6 +931,10 @@ impl Source for ZstdSource {
         reader.read_exact(buf).map_err(|e| format!("{}: {e}", self.path.display()))?;
         *pos = offset + buf.len() as u64;
         Ok(())
+    }
+
+    fn sequential(&self) -> bool {
+        true
     }
 }
 

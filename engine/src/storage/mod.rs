@@ -22,8 +22,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod direct;
 mod posix;
 mod uring;
+
+pub use direct::{AlignedBuf, UncachedReader, DIRECT_ALIGN};
 
 pub(crate) use posix::write_zeros;
 pub use posix::PosixEnv;
@@ -34,6 +37,12 @@ pub use posix::PosixEnv;
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Fills `buf` from `offset`. Bytes past the end of the file read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// [`Storage::read_at`] for a bulk reader that will not read the range again soon:
+    /// bypasses the page cache when the backend can and `buf` (address and length) and
+    /// `offset` are aligned to [`DIRECT_ALIGN`] (see `direct.rs`). Same bytes either way.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
     /// Writes all of `buf` at `offset`, extending the file if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Writes the buffers back to back starting at `offset` (`pwritev`). The default

@@ -6,8 +6,9 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use super::direct;
 use super::uring::{Ring, UringFile};
 use super::{Env, Extent, IoBackend, OpenMode, Storage};
 
@@ -111,11 +112,26 @@ impl Env for PosixEnv {
 #[derive(Debug)]
 pub(crate) struct PosixFile {
     file: File,
+    /// The `O_DIRECT` handle for [`Storage::read_uncached`], opened on first use (`None`
+    /// inside when the filesystem refuses it).
+    direct: OnceLock<Option<File>>,
 }
 
 impl PosixFile {
     pub(crate) fn new(file: File) -> Self {
-        Self { file }
+        Self { file, direct: OnceLock::new() }
+    }
+
+    /// [`Storage::read_uncached`]: direct when aligned and allowed, else cached.
+    pub(crate) fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if direct::aligned(buf, offset) {
+            if let Some(handle) = self.direct.get_or_init(|| direct::reopen_direct(&self.file)) {
+                if direct::read_direct(handle, buf, offset)? {
+                    return Ok(());
+                }
+            }
+        }
+        self.read_at(buf, offset)
     }
 
     pub(crate) fn raw_fd(&self) -> i32 {
@@ -184,22 +200,12 @@ fn to_off(value: u64) -> io::Result<i64> {
 }
 
 impl Storage for PosixFile {
-    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-        while !buf.is_empty() {
-            match self.file.read_at(buf, offset) {
-                Ok(0) => {
-                    buf.fill(0);
-                    return Ok(());
-                }
-                Ok(n) => {
-                    buf = &mut buf[n..];
-                    offset += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        direct::read_cached(&self.file, buf, offset)
+    }
+
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        PosixFile::read_uncached(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

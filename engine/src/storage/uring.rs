@@ -241,6 +241,12 @@ impl Storage for UringFile {
         Ok(())
     }
 
+    /// Direct reads are plain syscalls: they block on the disk like the ring's reads,
+    /// and a bulk reader runs on its own threads.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_uncached(buf, offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.inline_first {
             self.inner.write_at(buf, offset)

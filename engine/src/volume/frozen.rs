@@ -92,64 +92,23 @@ impl Volume {
     /// A failure leaves no view; markers already appended stay in the journals, where an
     /// unclaimed marker is only a change-map cut point.
     pub fn snapshot_group(volumes: &[&Volume], name: &str) -> Result<Vec<Frozen>> {
-        let mut order: Vec<usize> = (0..volumes.len()).collect();
-        order.sort_by(|&a, &b| volumes[a].name().cmp(volumes[b].name()));
-        if let Some(w) = order.windows(2).find(|w| volumes[w[0]].name() == volumes[w[1]].name()) {
-            return Err(Error::InvalidArgument(format!(
-                "consistency group lists volume {:?} twice",
-                volumes[w[0]].name()
-            )));
-        }
-        let record = NewRecord::local(RecordKind::Snapshot, 0, 0, 0, name.as_bytes());
-        loop {
-            let mut views = Vec::with_capacity(volumes.len());
-            for volume in volumes {
-                let inner = &volume.inner;
-                inner.validate_snapshot_name(name)?;
-                inner.check_writable()?;
-                let core = inner.frozen.reserve(name)?;
-                views.push(Frozen { core, set: Arc::clone(&inner.frozen) });
-            }
-            let mut seqs = vec![0u64; volumes.len()];
-            let mut full = None;
-            {
-                let mut guards: Vec<_> = order.iter().map(|&i| volumes[i].inner.journal.lock_writer()).collect();
-                for (guard, &i) in guards.iter_mut().zip(&order) {
-                    let inner = &volumes[i].inner;
-                    let core = Arc::clone(&views[i].core);
-                    let apply = |seq: u64| inner.apply(seq, &record, Some(&core));
-                    match inner.journal.append_locked(guard, record, &apply) {
-                        Ok(seq) => {
-                            seqs[i] = seq;
-                            // Widens the window between two markers, where a write to a
-                            // volume whose lock is not held would land: the group test's
-                            // check then catches such a bug at once.
-                            #[cfg(test)]
-                            std::thread::yield_now();
-                        }
-                        Err(crate::journal::AppendError::Full) => {
-                            full = Some(i);
-                            break;
-                        }
-                        Err(e) => return Err(inner.append_error(&record, e)),
-                    }
-                }
-            }
-            for volume in volumes {
-                volume.inner.after_append();
-            }
-            if let Some(i) = full {
-                // Dropping `views` undoes the reservations; retry after a checkpoint.
-                drop(views);
-                volumes[i].inner.checkpoint(super::CheckpointMode::Always)?;
-                continue;
-            }
-            for (volume, &seq) in volumes.iter().zip(&seqs) {
-                let inner = &volume.inner;
-                inner.journal.flush_to(seq).map_err(|e| inner.flush_error(e))?;
-            }
-            return Ok(views);
-        }
+        append_group(volumes, name, GroupFreeze::Freeze).map(|(_, views)| views)
+    }
+
+    /// [`Volume::snapshot_group`] without freezing here: appends a marker named `name` to
+    /// each of `volumes` under all their journal locks (one instant of the group), makes
+    /// them durable, and returns their seqs in the order of `volumes`. The primary calls
+    /// it for a standby that takes the group snapshot from its own copies
+    /// (`Volume::freeze_at_marker` on each member there). Takes no freeze, so it never
+    /// fails for [`FROZEN_MAX`].
+    ///
+    /// When a journal is full the whole group is appended again after a checkpoint, so
+    /// the members before the full one (in name order) then hold an earlier marker of the
+    /// same name too, at another instant. A standby's freeze catches the first marker of
+    /// its name: whoever freezes at these markers must check that each view's seq is the
+    /// one returned here (the standby does, and retries with a new name).
+    pub fn mark_group(volumes: &[&Volume], name: &str) -> Result<Vec<u64>> {
+        append_group(volumes, name, GroupFreeze::MarkOnly).map(|(seqs, _)| seqs)
     }
 
     /// For a standby: the next snapshot marker named `name` that is applied (by
@@ -164,6 +123,81 @@ impl Volume {
         let slot = Arc::new(WaitSlot { result: Mutex::new(Slot::Waiting), ready: Condvar::new() });
         inner.frozen.state.lock().waiting.push(Waiting { core: Arc::clone(&core), slot: Arc::clone(&slot) });
         Ok(FreezeWaiter { core, slot, set: Arc::clone(&inner.frozen) })
+    }
+}
+
+/// Whether a group's markers also freeze the volumes here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupFreeze {
+    /// [`Volume::snapshot_group`]: each marker activates a freeze taken for it.
+    Freeze,
+    /// [`Volume::mark_group`]: markers only.
+    MarkOnly,
+}
+
+/// Appends a marker named `name` to each of `volumes` while holding all their journal
+/// locks (taken in name order), freezing each at its marker when `freeze` says so, and
+/// makes the markers durable. Returns the seqs and (for [`GroupFreeze::Freeze`]) the
+/// views, both in the order of `volumes`.
+fn append_group(volumes: &[&Volume], name: &str, freeze: GroupFreeze) -> Result<(Vec<u64>, Vec<Frozen>)> {
+    let mut order: Vec<usize> = (0..volumes.len()).collect();
+    order.sort_by(|&a, &b| volumes[a].name().cmp(volumes[b].name()));
+    if let Some(w) = order.windows(2).find(|w| volumes[w[0]].name() == volumes[w[1]].name()) {
+        return Err(Error::InvalidArgument(format!("consistency group lists volume {:?} twice", volumes[w[0]].name())));
+    }
+    let record = NewRecord::local(RecordKind::Snapshot, 0, 0, 0, name.as_bytes());
+    loop {
+        // Every check before the first append: a refused group appends nothing.
+        let mut views = Vec::with_capacity(volumes.len());
+        for volume in volumes {
+            let inner = &volume.inner;
+            inner.validate_snapshot_name(name)?;
+            inner.check_writable()?;
+            if freeze == GroupFreeze::Freeze {
+                let core = inner.frozen.reserve(name)?;
+                views.push(Frozen { core, set: Arc::clone(&inner.frozen) });
+            }
+        }
+        let mut seqs = vec![0u64; volumes.len()];
+        let mut full = None;
+        {
+            let mut guards: Vec<_> = order.iter().map(|&i| volumes[i].inner.journal.lock_writer()).collect();
+            for (guard, &i) in guards.iter_mut().zip(&order) {
+                let inner = &volumes[i].inner;
+                let core = views.get(i).map(|view| Arc::clone(&view.core));
+                let apply = |seq: u64| inner.apply(seq, &record, core.as_ref());
+                match inner.journal.append_locked(guard, record, &apply) {
+                    Ok(seq) => {
+                        seqs[i] = seq;
+                        // Widens the window between two markers, where a write to a
+                        // volume whose lock is not held would land: the group tests'
+                        // checks then catch such a bug at once.
+                        #[cfg(test)]
+                        std::thread::yield_now();
+                    }
+                    Err(crate::journal::AppendError::Full) => {
+                        full = Some(i);
+                        break;
+                    }
+                    Err(e) => return Err(inner.append_error(&record, e)),
+                }
+            }
+        }
+        for volume in volumes {
+            volume.inner.after_append();
+        }
+        if let Some(i) = full {
+            // Dropping `views` undoes the reservations; retry after a checkpoint.
+            drop(views);
+            volumes[i].inner.checkpoint(super::CheckpointMode::Always)?;
+            continue;
+        }
+        for (volume, &seq) in volumes.iter().zip(&seqs) {
+            let inner = &volume.inner;
+            inner.journal.flush_to(seq).map_err(|e| inner.flush_error(e))?;
+        }
+        debug_assert!(seqs.iter().all(|&seq| seq != 0), "every member got a marker");
+        return Ok((seqs, views));
     }
 }
 
@@ -237,45 +271,54 @@ impl Frozen {
     /// Reads the volume's bytes at `[offset, offset + buf.len())` exactly as they were
     /// right after the marker, whatever was written since. Fails if the freeze was
     /// invalidated (the error names the cause) or a region was released.
+    ///
+    /// Made for bulk reads: the block store's part comes in one read that bypasses the page
+    /// cache when `buf` and `offset` are aligned to [`DIRECT_ALIGN`](crate::DIRECT_ALIGN),
+    /// without holding any lock across the I/O, so writers wait only for the bookkeeping.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (set, core) = (&*self.set, &*self.core);
         set.check_range(offset, buf.len() as u64)?;
         self.check_valid()?;
-        let region_bytes = set.region_bytes;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let region = at / region_bytes;
-            let n = ((region_bytes - at % region_bytes) as usize).min(buf.len() - done);
-            let Some(piece) = buf.get_mut(done..done + n) else { break };
-            if core.released.get(region) {
-                return Err(Error::InvalidArgument(format!(
-                    "volume {:?}: snapshot {:?}: region {region} (byte {at}) was released and cannot be read again",
-                    set.volume, core.name
-                )));
-            }
-            {
-                let _stripe = core.stripe(region).lock();
-                self.check_valid()?;
-                let read = if !core.copied.get(region) {
-                    set.store.read(at, piece)
-                } else if core.zero.get(region) {
-                    piece.fill(0);
-                    Ok(())
-                } else {
-                    core.file.read_at(piece, at)
-                };
-                read.map_err(|source| Error::Io {
-                    volume: set.volume.clone(),
-                    context: format!("read {n} bytes at {at} of snapshot {:?} (seq {})", core.name, core.seq()),
-                    source,
-                })?;
-                // Copying may have stopped while we read: then the bytes may be newer.
-                self.check_valid()?;
-            }
-            done += n;
+        if buf.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let region_bytes = set.region_bytes;
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / region_bytes, (end - 1) / region_bytes);
+        if let Some(region) = (first..=last).find(|&r| core.released.get(r)) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {:?}: snapshot {:?}: region {region} (byte {}) was released and cannot be read again",
+                set.volume,
+                core.name,
+                (region * region_bytes).max(offset)
+            )));
+        }
+        let io = |context: String, source| Error::Io { volume: set.volume.clone(), context, source };
+        // The store first, for the whole range. A region whose `copied` bit is still clear
+        // afterwards (checked under its stripe) held its bytes at the marker throughout
+        // the read: a writer sets the bit, under the stripe, before it mutates the region.
+        set.store.read_uncached(offset, buf).map_err(|source| {
+            io(format!("read {} bytes at {offset} of snapshot {:?} (seq {})", buf.len(), core.name, core.seq()), source)
+        })?;
+        // Regions copied by now may be newer in the store: theirs come from the copy.
+        for region in first..=last {
+            let from = (region * region_bytes).max(offset);
+            let to = ((region + 1) * region_bytes).min(end);
+            let Some(piece) = buf.get_mut((from - offset) as usize..(to - offset) as usize) else { break };
+            let _stripe = core.stripe(region).lock();
+            if !core.copied.get(region) {
+                continue;
+            }
+            if core.zero.get(region) {
+                piece.fill(0);
+            } else {
+                core.file.read_at(piece, from).map_err(|source| {
+                    io(format!("read {} bytes at {from} of the copy of snapshot {:?}", piece.len(), core.name), source)
+                })?;
+            }
+        }
+        // Copying may have stopped while we read: then the store's bytes may be newer.
+        self.check_valid()
     }
 
     /// The allocation map of the frozen contents of `[offset, offset + len)`. Conservative:
@@ -805,5 +848,133 @@ impl FrozenSet {
             *waiting.slot.result.lock() = Slot::Failed(cause.to_string());
             waiting.slot.ready.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod group_marker_tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::storage::Env;
+    use crate::testing::FaultyEnv;
+    use crate::{Error, OpenOptions, PersistMode, RecordSink, ReplicaRecord, Volume, VolumeOptions, FROZEN_MAX};
+
+    const SIZE: u64 = 1 << 20;
+
+    fn open(env: &Arc<dyn Env>, dir: &str, name: &str) -> Volume {
+        let options = VolumeOptions {
+            segment_bytes: 1 << 20,
+            segment_count_max: 4,
+            change_region_bytes: 64 << 10,
+            extent_file_bytes: 1 << 20,
+        };
+        let dir = Path::new(dir).join(name);
+        Volume::create(Arc::clone(env), &dir, name, SIZE, &options).unwrap();
+        Volume::open(Arc::clone(env), &dir, &OpenOptions::default()).unwrap().0
+    }
+
+    /// Applies every record the primary's volume appends to its standby copy at once,
+    /// under the primary's journal lock: a stream that never lags, so each member's copy
+    /// follows its own primary's journal, as each member's journal stream does.
+    #[derive(Debug)]
+    struct Forward(Arc<Volume>);
+
+    impl RecordSink for Forward {
+        fn appended(&self, record: &ReplicaRecord<'_>) {
+            self.0.apply_replica(record).unwrap();
+        }
+    }
+
+    fn counter(frozen: &super::Frozen) -> u64 {
+        let mut block = [0u8; 4096];
+        frozen.read(0, &mut block).unwrap();
+        u64::from_le_bytes(block[..8].try_into().unwrap())
+    }
+
+    /// A group's markers appended by `mark_group` (no freeze on the primary) are one
+    /// instant of the group, as a standby sees it: each member's standby copy, fed by its
+    /// own stream, freezes at its marker (`freeze_at_marker`), and every pair of views
+    /// holds `files ≤ db ≤ files + 1` while a writer writes `n` to `db` and then, once
+    /// that is acknowledged, `n` to `files`. The seqs returned are the markers the views
+    /// froze at.
+    #[test]
+    fn group_markers_are_one_instant_of_every_standby_copy() {
+        let env: Arc<dyn Env> = Arc::new(FaultyEnv::new());
+        let (db, files) = (open(&env, "/primary", "db"), open(&env, "/primary", "files"));
+        let (db_copy, files_copy) = (Arc::new(open(&env, "/standby", "db")), Arc::new(open(&env, "/standby", "files")));
+        db.set_record_sink(Some(Arc::new(Forward(Arc::clone(&db_copy)))));
+        files.set_record_sink(Some(Arc::new(Forward(Arc::clone(&files_copy)))));
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let mut block = [0u8; 4096];
+                    block[..8].copy_from_slice(&n.to_le_bytes());
+                    db.write(0, &block, PersistMode::Durable).unwrap();
+                    files.write(0, &block, PersistMode::Durable).unwrap();
+                }
+            });
+            // Stops the writer however this thread leaves the scope (a failed check too).
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            let (mut seen_ahead, mut retried) = (0, 0);
+            for i in 0..2000 {
+                let name = format!("g{i}");
+                // Two waiters each: a full journal in the middle of the group makes
+                // `mark_group` append the group again, so a member before the full one
+                // then holds two markers of the name; the second is the one returned.
+                let waiters = [&db_copy, &files_copy]
+                    .map(|copy| (copy.freeze_at_marker(&name).unwrap(), copy.freeze_at_marker(&name).unwrap()));
+                // Group order differs from name order half the time; the seqs come back
+                // in the caller's order.
+                let seqs = if i % 2 == 0 {
+                    Volume::mark_group(&[&db, &files], &name).unwrap()
+                } else {
+                    let mut seqs = Volume::mark_group(&[&files, &db], &name).unwrap();
+                    seqs.reverse();
+                    seqs
+                };
+                let views: Vec<super::Frozen> = waiters
+                    .iter()
+                    .zip(&seqs)
+                    .map(|((first, second), &seq)| {
+                        let view = first.wait(Duration::from_secs(10)).unwrap();
+                        if view.seq() < seq {
+                            retried += 1;
+                            return second.wait(Duration::from_secs(10)).unwrap();
+                        }
+                        view
+                    })
+                    .collect();
+                assert_eq!([views[0].seq(), views[1].seq()], [seqs[0], seqs[1]], "marker {name}");
+                let (a, b) = (counter(&views[0]), counter(&views[1]));
+                assert!(b <= a && a <= b + 1, "group marker {i}: db at {a}, files at {b}");
+                seen_ahead += usize::from(a == b + 1);
+            }
+            assert!(seen_ahead > 0, "no group marker fell between a pair's two writes");
+            eprintln!("{retried} of 4000 member markers came after a retry on a full journal");
+        });
+        // Markers only: the primary holds no freeze, so FROZEN_MAX never limits them.
+        for i in 0..FROZEN_MAX + 2 {
+            Volume::mark_group(&[&db, &files], &format!("again{i}")).unwrap();
+        }
+        assert!(db.snapshot("still-room").is_ok());
+        // Refusals append nothing: a volume listed twice, a bad name.
+        let before = (db.last_seq(), files.last_seq());
+        assert!(matches!(Volume::mark_group(&[&db, &db], "twice"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(Volume::mark_group(&[&db, &files], ""), Err(Error::InvalidArgument(_))));
+        assert_eq!((db.last_seq(), files.last_seq()), before);
+        db.set_record_sink(None);
+        files.set_record_sink(None);
     }
 }

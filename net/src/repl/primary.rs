@@ -21,7 +21,9 @@ use super::proto::{Control, Hello, HelloReply, StreamKind, Verdict};
 use super::resync;
 use super::state::Role;
 use super::volume::{PrimarySink, ReplVolume, RoleChange, ShipQueue, Shipment};
-use super::wire::{encode_json, read_frame, AckMsg, FrameType, MarkRequestMsg, ProbeMsg, MAX_FRAME_PAYLOAD};
+use super::wire::{
+    encode_json, read_frame, AckMsg, FrameType, MarkGroupRequestMsg, MarkRequestMsg, ProbeMsg, MAX_FRAME_PAYLOAD,
+};
 
 /// Why the primary loop ended.
 #[derive(Debug)]
@@ -377,7 +379,7 @@ async fn session(rv: &Arc<ReplVolume>, ctx: &Arc<NodeCtx>) -> Result<(), String>
     let probes = Mutex::new(VecDeque::new());
     tokio::select! {
         r = send_loop(&queue, &mut send, epoch, &probes, rv.config.timing.heartbeat_interval) => r,
-        r = ack_loop(rv, &queue, &mut recv, epoch, &probes) => r,
+        r = ack_loop(rv, ctx, &queue, &mut recv, epoch, &probes) => r,
         r = resync => r,
     }
 }
@@ -414,6 +416,7 @@ async fn send_loop(
                             encode_json(FrameType::Control, &control).map_err(|e| format!("encode {control:?}: {e}"))?,
                         ),
                         Shipment::MarkReply(reply) => chunks.push(reply.encode()),
+                        Shipment::MarkGroupReply(reply) => chunks.push(reply.encode()),
                     }
                 }
                 send.write_all_chunks(&mut chunks).await.map_err(|e| format!("send to the standby: {e}"))?;
@@ -435,10 +438,12 @@ async fn send_loop(
 }
 
 /// Reads the standby's acknowledgements and feeds them (and the probe echoes) to the
-/// fencing machine; hands its snapshot marker requests to the marker server. Any other
+/// fencing machine; hands its snapshot marker requests (single and group) to the marker
+/// server. Any other
 /// frame, or a malformed one, ends the session.
 async fn ack_loop(
     rv: &Arc<ReplVolume>,
+    ctx: &Arc<NodeCtx>,
     queue: &Arc<ShipQueue>,
     recv: &mut quinn::RecvStream,
     epoch: u64,
@@ -456,6 +461,15 @@ async fn ack_loop(
                 return Err(format!("marker request for epoch {} in a session of epoch {epoch}", request.epoch));
             }
             marks.handle(rv, queue, epoch, request);
+            continue;
+        }
+        if frame.ty == FrameType::MarkGroupRequest {
+            let request =
+                MarkGroupRequestMsg::decode(&frame).map_err(|e| format!("bad frame from the standby: {e}"))?;
+            if request.epoch != epoch {
+                return Err(format!("group marker request for epoch {} in a session of epoch {epoch}", request.epoch));
+            }
+            marks.handle_group(rv, ctx, queue, epoch, request);
             continue;
         }
         let ack = AckMsg::decode(&frame).map_err(|e| format!("bad frame from the standby: {e}"))?;

@@ -17,9 +17,16 @@ pub const ALPN_WITNESS: &[u8] = b"keel-witness/1";
 /// that listed it, and a primary defers scheduled snapshots only to a standby that did.
 pub const FEATURE_SNAPSHOT_MARKER: &str = "snapshot-marker";
 
-/// The features this build speaks (see [`FEATURE_SNAPSHOT_MARKER`]).
+/// Feature a node lists in its `Hello` / `HelloReply` when it speaks the group marker
+/// frames (`MarkGroupRequest`, `MarkGroupReply`): a standby sends a `MarkGroupRequest` only
+/// to a primary that listed it on the lead member's stream, and a primary defers
+/// scheduled group snapshots only to a standby that listed it on every member's.
+pub const FEATURE_SNAPSHOT_GROUP_MARKER: &str = "snapshot-group-marker";
+
+/// The features this build speaks (see [`FEATURE_SNAPSHOT_MARKER`],
+/// [`FEATURE_SNAPSHOT_GROUP_MARKER`]).
 pub fn features() -> Vec<String> {
-    vec![FEATURE_SNAPSHOT_MARKER.to_string()]
+    vec![FEATURE_SNAPSHOT_MARKER.to_string(), FEATURE_SNAPSHOT_GROUP_MARKER.to_string()]
 }
 
 /// What a stream opened by the primary carries.

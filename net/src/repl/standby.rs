@@ -14,14 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::fence::StandbyFence;
 use super::history::EpochStart;
-use super::marker::MarkClient;
+use super::marker::{MarkClient, MarkRequest};
 use super::node::{call_arbiter, read_json, write_json, NodeCtx};
 use super::proto::{Control, Hello, HelloReply, StreamKind, Verdict};
 use super::resync::{self, ResyncGuard};
 use super::state::Role;
 use super::volume::{ReplVolume, RoleChange};
 use super::wire::{
-    read_frame, AckMsg, FrameType, MarkReplyMsg, MarkRequestMsg, ProbeMsg, RecordMsg, SyncRequestMsg, MAX_FRAME_PAYLOAD,
+    read_frame, AckMsg, FrameType, MarkGroupReplyMsg, MarkReplyMsg, ProbeMsg, RecordMsg, SyncRequestMsg,
+    MAX_FRAME_PAYLOAD,
 };
 
 /// Records buffered between the stream reader and the applier thread.
@@ -283,10 +284,7 @@ pub(crate) async fn serve_stream(
         return Err(format!("refused {:?} stream from {peer}: {verdict:?}", hello.stream));
     }
     match hello.stream {
-        StreamKind::Journal => {
-            let markers = hello.features.iter().any(|f| f == super::proto::FEATURE_SNAPSHOT_MARKER);
-            journal(&rv, &peer, markers, send, recv).await
-        }
+        StreamKind::Journal => journal(&rv, &peer, &hello.features, send, recv).await,
         StreamKind::Resync => {
             let (guard, session_epoch) = {
                 let session = rv.standby_session.lock();
@@ -313,7 +311,7 @@ enum Inbound {
 async fn journal(
     rv: &Arc<ReplVolume>,
     peer: &str,
-    markers: bool,
+    features: &[String],
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), String> {
@@ -328,7 +326,7 @@ async fn journal(
     }
     // One journal session at a time: a new one replaces the old.
     let cancel = CancellationToken::new();
-    let (marks, mark_requests) = MarkClient::new(epoch, markers);
+    let (marks, mark_requests) = MarkClient::new(epoch, features);
     let session = StandbySession { cancel: cancel.clone(), guard: None, epoch, marks: Some(Arc::clone(&marks)) };
     if let Some(old) = rv.standby_session.lock().replace(session) {
         old.cancel.cancel();
@@ -449,7 +447,7 @@ async fn apply_stream(
     guard: Option<Arc<ResyncGuard>>,
     cancel: &CancellationToken,
     marks: &MarkClient,
-    mut mark_requests: mpsc::Receiver<MarkRequestMsg>,
+    mut mark_requests: mpsc::Receiver<MarkRequest>,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(), String> {
@@ -504,6 +502,14 @@ async fn apply_stream(
                     // Behind the marker's record, which is in the applier's queue already.
                     let reply = MarkReplyMsg::decode(&frame).map_err(|e| format!("bad marker reply: {e}"))?;
                     marks.resolve(reply)?;
+                    continue;
+                }
+                FrameType::MarkGroupReply => {
+                    // Behind the lead's marker record; the other members' records come on
+                    // their own streams (the requester checks their sessions).
+                    let reply =
+                        MarkGroupReplyMsg::decode(&frame).map_err(|e| format!("bad group marker reply: {e}"))?;
+                    marks.resolve_group(reply)?;
                     continue;
                 }
                 FrameType::Control => match super::wire::decode_json::<Control>(&frame) {

@@ -27,8 +27,10 @@ use serde_json::json;
 use super::arbiter::{ArbiterRecord, StandbyState};
 use super::fence::{FlushDecision, PrimaryFence, StandbyFence, Timing};
 use super::state::{ReplState, Role};
-use super::wire::{MarkReplyMsg, RecordMsg, SyncRequestMsg};
+use super::wire::{MarkGroupReplyMsg, MarkReplyMsg, RecordMsg, SyncRequestMsg};
 use crate::events::EventLog;
+
+pub use super::marker::StandbySessionId;
 
 /// How writes reach the standby.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -210,6 +212,11 @@ impl ReplVolume {
     /// Volume name.
     pub fn name(&self) -> &str {
         self.volume.name()
+    }
+
+    /// The other node of the pair (this volume's standby while this node is primary).
+    pub fn peer(&self) -> &str {
+        &self.config.peer
     }
 
     /// Current role.
@@ -437,6 +444,7 @@ pub(crate) enum Shipment {
     Sync(SyncRequestMsg),
     Control(super::proto::Control),
     MarkReply(MarkReplyMsg),
+    MarkGroupReply(MarkGroupReplyMsg),
 }
 
 #[derive(Debug)]
@@ -502,6 +510,18 @@ impl ShipQueue {
         self.ready.notify_one();
     }
 
+    /// Queues the answer to a standby's group marker request, behind every record
+    /// appended so far (the lead member's marker among them).
+    pub(crate) fn push_group_mark_reply(&self, reply: MarkGroupReplyMsg) {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return;
+        }
+        inner.items.push_back(Shipment::MarkGroupReply(reply));
+        drop(inner);
+        self.ready.notify_one();
+    }
+
     /// Takes up to `max_items` queued items; waits while the queue is empty. `None` once
     /// closed.
     pub(crate) async fn pop_batch(&self, max_items: usize) -> Option<Vec<Shipment>> {
@@ -545,7 +565,7 @@ impl ShipQueue {
 fn shipment_bytes(item: &Shipment) -> usize {
     match item {
         Shipment::Record(r) => r.payload.len() + 64,
-        Shipment::Sync(_) | Shipment::Control(_) | Shipment::MarkReply(_) => 0,
+        Shipment::Sync(_) | Shipment::Control(_) | Shipment::MarkReply(_) | Shipment::MarkGroupReply(_) => 0,
     }
 }
 

@@ -66,6 +66,41 @@ const _: () = assert!(MARK_REPLY_FIXED_LEN == 32);
 pub const MARKER_NAME_MAX_BYTES: usize = keel_engine::SNAPSHOT_NAME_MAX_BYTES;
 /// Longest refusal reason a [`MarkReplyMsg`] carries; longer ones are cut by the sender.
 pub const MARK_REASON_MAX_BYTES: usize = 1024;
+/// Fixed part of a [`MarkGroupRequestMsg`] payload: epoch, id, name_len, member_count,
+/// pad; the marker's name and the members (each a length byte and a volume name) follow.
+const MARK_GROUP_REQUEST_FIXED_LEN: usize = 2 * size_of::<u64>() + 2 * size_of::<u16>() + MARK_GROUP_REQUEST_PAD_LEN;
+const MARK_GROUP_REQUEST_PAD_LEN: usize = 4;
+/// Fixed part of a [`MarkGroupReplyMsg`] payload: epoch, id, status, pad, seq_count, pad;
+/// the members' seqs (appended) or the refusal's reason follow.
+const MARK_GROUP_REPLY_FIXED_LEN: usize =
+    2 * size_of::<u64>() + 2 * size_of::<u8>() + size_of::<u16>() + MARK_GROUP_REPLY_PAD_LEN;
+const MARK_GROUP_REPLY_PAD_LEN: usize = 4;
+const _: () = assert!(MARK_GROUP_REQUEST_FIXED_LEN == 24);
+const _: () = assert!(MARK_GROUP_REPLY_FIXED_LEN == 24);
+/// Fewest members a [`MarkGroupRequestMsg`] names (a group has at least two).
+pub const GROUP_MEMBERS_MIN: usize = 2;
+/// Most members a [`MarkGroupRequestMsg`] names: bounds the frame and the locks the
+/// primary takes at once.
+pub const GROUP_MEMBERS_MAX: usize = 16;
+/// Longest member volume name a [`MarkGroupRequestMsg`] carries: the engine's limit (and
+/// it fits the one-byte length prefix).
+pub const GROUP_MEMBER_NAME_MAX_BYTES: usize = keel_engine::format::NAME_MAX_BYTES;
+const _: () = assert!(GROUP_MEMBER_NAME_MAX_BYTES <= u8::MAX as usize);
+const _: () = assert!(MARKER_NAME_MAX_BYTES <= u16::MAX as usize);
+const _: () = assert!(GROUP_MEMBERS_MAX <= u16::MAX as usize);
+/// Largest [`MarkGroupRequestMsg`] payload: the longest name and the most, longest members.
+const MARK_GROUP_REQUEST_MAX_LEN: usize = MARK_GROUP_REQUEST_FIXED_LEN
+    + MARKER_NAME_MAX_BYTES
+    + GROUP_MEMBERS_MAX * (size_of::<u8>() + GROUP_MEMBER_NAME_MAX_BYTES);
+/// Smallest [`MarkGroupRequestMsg`] payload: a one-byte name and the fewest one-byte members.
+const MARK_GROUP_REQUEST_MIN_LEN: usize = MARK_GROUP_REQUEST_FIXED_LEN + 1 + GROUP_MEMBERS_MIN * 2;
+/// Largest [`MarkGroupReplyMsg`] payload: the most seqs, or the longest reason.
+const MARK_GROUP_REPLY_MAX_LEN: usize = MARK_GROUP_REPLY_FIXED_LEN
+    + if GROUP_MEMBERS_MAX * size_of::<u64>() > MARK_REASON_MAX_BYTES {
+        GROUP_MEMBERS_MAX * size_of::<u64>()
+    } else {
+        MARK_REASON_MAX_BYTES
+    };
 /// Largest data payload of a record or a resync block.
 pub const MAX_DATA_LEN: usize = MAX_FRAME_PAYLOAD - RECORD_FIXED_LEN;
 const _: () = assert!(RECORD_FIXED_LEN == RESYNC_DATA_FIXED_LEN);
@@ -123,6 +158,11 @@ pub enum FrameType {
     MarkRequest = 0x07,
     /// Primary → standby: the marker's seq, or why not ([`MarkReplyMsg`]).
     MarkReply = 0x08,
+    /// Standby → primary: append one marker to each volume of a consistency group, at
+    /// one instant ([`MarkGroupRequestMsg`]).
+    MarkGroupRequest = 0x09,
+    /// Primary → standby: each member's marker seq, or why not ([`MarkGroupReplyMsg`]).
+    MarkGroupReply = 0x0a,
     /// JSON: first frame on a stream.
     Hello = 0x10,
     /// JSON: the answer to a `Hello`.
@@ -139,7 +179,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, for tests and tools.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 16] = [
         Self::Record,
         Self::SyncRequest,
         Self::Ack,
@@ -148,6 +188,8 @@ impl FrameType {
         Self::Probe,
         Self::MarkRequest,
         Self::MarkReply,
+        Self::MarkGroupRequest,
+        Self::MarkGroupReply,
         Self::Hello,
         Self::HelloReply,
         Self::Control,
@@ -177,6 +219,8 @@ impl FrameType {
             Self::Probe => (PROBE_LEN, PROBE_LEN),
             Self::MarkRequest => (MARK_REQUEST_FIXED_LEN + 1, MARK_REQUEST_FIXED_LEN + MARKER_NAME_MAX_BYTES),
             Self::MarkReply => (MARK_REPLY_FIXED_LEN, MARK_REPLY_FIXED_LEN + MARK_REASON_MAX_BYTES),
+            Self::MarkGroupRequest => (MARK_GROUP_REQUEST_MIN_LEN, MARK_GROUP_REQUEST_MAX_LEN),
+            Self::MarkGroupReply => (MARK_GROUP_REPLY_FIXED_LEN, MARK_GROUP_REPLY_MAX_LEN),
             Self::Hello
             | Self::HelloReply
             | Self::Control
@@ -544,6 +588,226 @@ impl MarkReplyMsg {
     }
 }
 
+/// Standby → primary on the journal stream's return half of one member (the lead): "append
+/// a marker named `name` to every volume of `members`, at one instant" (the standby takes
+/// the group snapshot at them; docs/replication.md, "Group snapshots on the standby"). Sent
+/// only to a primary whose `Hello` lists [`super::proto::FEATURE_SNAPSHOT_GROUP_MARKER`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkGroupRequestMsg {
+    /// The session's epoch.
+    pub epoch: u64,
+    /// Chosen by the standby, echoed in the reply (one id space with [`MarkRequestMsg`]).
+    pub id: u64,
+    /// The marker's name: UTF-8, 1 to [`MARKER_NAME_MAX_BYTES`] bytes.
+    pub name: String,
+    /// The member volumes, in strictly ascending byte order (so each once):
+    /// [`GROUP_MEMBERS_MIN`] to [`GROUP_MEMBERS_MAX`] names of 1 to
+    /// [`GROUP_MEMBER_NAME_MAX_BYTES`] bytes of UTF-8. The lead volume is one of them.
+    pub members: Vec<String>,
+}
+
+/// What became of a [`MarkGroupRequestMsg`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkGroupOutcome {
+    /// The primary appended the markers (and made them durable) under every member's
+    /// journal lock. `seqs[i]` is the marker's seq on `members[i]` of the request (never
+    /// 0). The lead's record precedes this reply on its journal stream; every other
+    /// member's record was queued on that member's own stream before the reply.
+    Appended {
+        /// One seq per member, in the request's order.
+        seqs: Vec<u64>,
+    },
+    /// The primary appended nothing (not primary, fenced, a member unknown, a name
+    /// already taken, ...).
+    Refused {
+        /// Why, naming the member at fault (at most [`MARK_REASON_MAX_BYTES`] bytes).
+        reason: String,
+    },
+}
+
+/// Primary → standby on the lead's journal stream, in order with its records: the answer
+/// to a [`MarkGroupRequestMsg`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkGroupReplyMsg {
+    /// The session's epoch.
+    pub epoch: u64,
+    /// The request's id.
+    pub id: u64,
+    /// Appended or refused.
+    pub outcome: MarkGroupOutcome,
+}
+
+impl MarkGroupRequestMsg {
+    /// Checks the fields the decoder checks; `Err` names the field and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.name.is_empty() || self.name.len() > MARKER_NAME_MAX_BYTES {
+            return Err(("name", format!("{} bytes, must be 1 to {MARKER_NAME_MAX_BYTES}", self.name.len())));
+        }
+        if !(GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX).contains(&self.members.len()) {
+            let reason = format!("{} members, must be {GROUP_MEMBERS_MIN} to {GROUP_MEMBERS_MAX}", self.members.len());
+            return Err(("members", reason));
+        }
+        for member in &self.members {
+            if member.is_empty() || member.len() > GROUP_MEMBER_NAME_MAX_BYTES {
+                let reason = format!("member of {} bytes, must be 1 to {GROUP_MEMBER_NAME_MAX_BYTES}", member.len());
+                return Err(("members", reason));
+            }
+        }
+        if let Some(pair) = self.members.windows(2).find(|pair| pair.first() >= pair.get(1)) {
+            return Err(("members", format!("{pair:?} are not in strictly ascending order (sorted, each once)")));
+        }
+        Ok(())
+    }
+
+    /// The whole frame.
+    ///
+    /// # Panics
+    /// If [`MarkGroupRequestMsg::check`] fails (callers build requests that pass it).
+    pub fn encode(&self) -> Bytes {
+        if let Err((field, reason)) = self.check() {
+            panic!("MarkGroupRequest with a bad {field}: {reason}");
+        }
+        let mut fields = BytesMut::with_capacity(MARK_GROUP_REQUEST_FIXED_LEN);
+        fields.put_u64_le(self.epoch);
+        fields.put_u64_le(self.id);
+        fields.put_u16_le(self.name.len() as u16);
+        fields.put_u16_le(self.members.len() as u16);
+        fields.put_bytes(0, MARK_GROUP_REQUEST_PAD_LEN);
+        debug_assert_eq!(fields.len(), MARK_GROUP_REQUEST_FIXED_LEN);
+        let mut rest = BytesMut::new();
+        rest.put_slice(self.name.as_bytes());
+        for member in &self.members {
+            rest.put_u8(member.len() as u8);
+            rest.put_slice(member.as_bytes());
+        }
+        let rest = rest.freeze();
+        concat([with_header(FrameType::MarkGroupRequest, &fields, &rest), rest])
+    }
+
+    /// Decodes and checks a [`FrameType::MarkGroupRequest`] frame.
+    pub fn decode(frame: &Frame) -> Result<Self, WireError> {
+        let ty = FrameType::MarkGroupRequest;
+        let mut r = Reader::new(frame, ty, "MarkGroupRequest")?;
+        let epoch = r.u64()?;
+        let id = r.u64()?;
+        let name_len = usize::from(r.u16()?);
+        let member_count = usize::from(r.u16()?);
+        let pad: [u8; MARK_GROUP_REQUEST_PAD_LEN] = r.array()?;
+        if pad != [0; MARK_GROUP_REQUEST_PAD_LEN] {
+            return Err(bad_field(ty, "pad", format!("{pad:02x?}, must be zeros")));
+        }
+        // The counts are checked before they size anything.
+        if name_len == 0 || name_len > MARKER_NAME_MAX_BYTES {
+            return Err(bad_field(ty, "name_len", format!("{name_len}, must be 1 to {MARKER_NAME_MAX_BYTES}")));
+        }
+        if !(GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX).contains(&member_count) {
+            let reason = format!("{member_count}, must be {GROUP_MEMBERS_MIN} to {GROUP_MEMBERS_MAX}");
+            return Err(bad_field(ty, "member_count", reason));
+        }
+        let utf8 = |field, bytes: &[u8]| {
+            String::from_utf8(bytes.to_vec()).map_err(|e| bad_field(ty, field, format!("not UTF-8: {e}")))
+        };
+        let name = utf8("name", &r.bytes(name_len)?)?;
+        let mut members = Vec::with_capacity(member_count);
+        for _ in 0..member_count {
+            let len = usize::from(r.u8()?);
+            members.push(utf8("members", &r.bytes(len)?)?);
+        }
+        r.finish()?;
+        let msg = Self { epoch, id, name, members };
+        msg.check().map_err(|(field, reason)| bad_field(ty, field, reason))?;
+        Ok(msg)
+    }
+}
+
+impl MarkGroupReplyMsg {
+    const APPENDED: u8 = 0;
+    const REFUSED: u8 = 1;
+
+    /// The whole frame. A reason longer than [`MARK_REASON_MAX_BYTES`] is cut at a
+    /// character boundary.
+    ///
+    /// # Panics
+    /// If an appended reply has fewer than [`GROUP_MEMBERS_MIN`] or more than
+    /// [`GROUP_MEMBERS_MAX`] seqs, or a seq of 0 (no record has).
+    pub fn encode(&self) -> Bytes {
+        let mut fields = BytesMut::with_capacity(MARK_GROUP_REPLY_FIXED_LEN);
+        fields.put_u64_le(self.epoch);
+        fields.put_u64_le(self.id);
+        let mut rest = BytesMut::new();
+        match &self.outcome {
+            MarkGroupOutcome::Appended { seqs } => {
+                assert!((GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX).contains(&seqs.len()), "{} seqs", seqs.len());
+                assert!(seqs.iter().all(|&seq| seq != 0), "an appended marker has a seq");
+                fields.put_u8(Self::APPENDED);
+                fields.put_u8(0);
+                fields.put_u16_le(seqs.len() as u16);
+                for &seq in seqs {
+                    rest.put_u64_le(seq);
+                }
+            }
+            MarkGroupOutcome::Refused { reason } => {
+                fields.put_u8(Self::REFUSED);
+                fields.put_u8(0);
+                fields.put_u16_le(0);
+                rest.put_slice(truncate_utf8(reason, MARK_REASON_MAX_BYTES).as_bytes());
+            }
+        }
+        fields.put_bytes(0, MARK_GROUP_REPLY_PAD_LEN);
+        debug_assert_eq!(fields.len(), MARK_GROUP_REPLY_FIXED_LEN);
+        let rest = rest.freeze();
+        concat([with_header(FrameType::MarkGroupReply, &fields, &rest), rest])
+    }
+
+    /// Decodes and checks a [`FrameType::MarkGroupReply`] frame.
+    pub fn decode(frame: &Frame) -> Result<Self, WireError> {
+        let ty = FrameType::MarkGroupReply;
+        let mut r = Reader::new(frame, ty, "MarkGroupReply")?;
+        let epoch = r.u64()?;
+        let id = r.u64()?;
+        let status = r.u8()?;
+        let pad_byte = r.u8()?;
+        let seq_count = usize::from(r.u16()?);
+        let pad: [u8; MARK_GROUP_REPLY_PAD_LEN] = r.array()?;
+        let bad = |field, reason: String| Err(bad_field(ty, field, reason));
+        if pad_byte != 0 || pad != [0; MARK_GROUP_REPLY_PAD_LEN] {
+            return bad("pad", format!("{pad_byte:02x} {pad:02x?}, must be zeros"));
+        }
+        let outcome = match status {
+            Self::APPENDED => {
+                if !(GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX).contains(&seq_count) {
+                    return bad(
+                        "seq_count",
+                        format!("{seq_count}, must be {GROUP_MEMBERS_MIN} to {GROUP_MEMBERS_MAX}"),
+                    );
+                }
+                let seqs = (0..seq_count).map(|_| r.u64()).collect::<Result<Vec<u64>, WireError>>()?;
+                r.finish()?;
+                if seqs.contains(&0) {
+                    return bad("seqs", "a seq of 0 for an appended marker".into());
+                }
+                MarkGroupOutcome::Appended { seqs }
+            }
+            Self::REFUSED => {
+                if seq_count != 0 {
+                    return bad("seq_count", format!("{seq_count} for a refusal, must be 0"));
+                }
+                let reason = r.rest();
+                // The header check bounds it too; the decoder does not rely on that.
+                if reason.len() > MARK_REASON_MAX_BYTES {
+                    return bad("reason", format!("{} bytes, at most {MARK_REASON_MAX_BYTES}", reason.len()));
+                }
+                match String::from_utf8(reason.to_vec()) {
+                    Ok(reason) => MarkGroupOutcome::Refused { reason },
+                    Err(e) => return bad("reason", format!("not UTF-8: {e}")),
+                }
+            }
+            other => return bad("status", format!("{other}, must be 0 (appended) or 1 (refused)")),
+        };
+        Ok(Self { epoch, id, outcome })
+    }
+}
+
 /// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
 fn truncate_utf8(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
@@ -880,6 +1144,8 @@ fn decode_any(frame: &Frame) {
         FrameType::Probe => ProbeMsg::decode(frame).ok().map(|m| m.encode()),
         FrameType::MarkRequest => MarkRequestMsg::decode(frame).ok().map(|m| m.encode()),
         FrameType::MarkReply => MarkReplyMsg::decode(frame).ok().map(|m| m.encode()),
+        FrameType::MarkGroupRequest => MarkGroupRequestMsg::decode(frame).ok().map(|m| m.encode()),
+        FrameType::MarkGroupReply => MarkGroupReplyMsg::decode(frame).ok().map(|m| m.encode()),
         _ => decode_json::<serde_json::Value>(frame).ok().map(|_| frame.encode()),
     };
     if let Some(bytes) = reencoded {
@@ -995,6 +1261,18 @@ impl Reader {
 
     fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// The next `len` bytes, shared with the frame.
+    fn bytes(&mut self, len: usize) -> Result<Bytes, WireError> {
+        let end = self.pos.checked_add(len).filter(|&end| end <= self.payload.len()).ok_or(WireError::TooShort {
+            ty: self.ty,
+            len: self.payload.len() as u64,
+            min: self.pos.saturating_add(len) as u64,
+        })?;
+        let bytes = self.payload.slice(self.pos..end);
+        self.pos = end;
+        Ok(bytes)
     }
 
     /// The bytes after the fixed fields, shared with the frame.
@@ -1274,6 +1552,138 @@ mod tests {
         assert!(matches!(decoded, Err(WireError::BadField { ty: FrameType::MarkReply, field: "reason", .. })));
     }
 
+    fn group_request_payload(name: &[u8], members: &[&[u8]], counts: Option<(u16, u16)>, pad: u8) -> Vec<u8> {
+        let (name_len, member_count) = counts.unwrap_or((name.len() as u16, members.len() as u16));
+        let mut payload = [3u64, 9].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        payload.extend_from_slice(&name_len.to_le_bytes());
+        payload.extend_from_slice(&member_count.to_le_bytes());
+        payload.extend_from_slice(&[pad; 4]);
+        payload.extend_from_slice(name);
+        for member in members {
+            payload.push(member.len() as u8);
+            payload.extend_from_slice(member);
+        }
+        payload
+    }
+
+    #[test]
+    fn mark_group_frames_match_the_documented_layout() {
+        let request =
+            MarkGroupRequestMsg { epoch: 3, id: 9, name: "nightly".into(), members: vec!["db".into(), "files".into()] };
+        let payload = group_request_payload(b"nightly", &[b"db", b"files"], None, 0);
+        assert_eq!(&request.encode()[..], &hand_frame(0x09, &payload)[..]);
+        assert_eq!(MarkGroupRequestMsg::decode(&decode_one(&request.encode()).unwrap()).unwrap(), request);
+
+        let appended =
+            MarkGroupReplyMsg { epoch: 3, id: 9, outcome: MarkGroupOutcome::Appended { seqs: vec![4242, 17] } };
+        let mut payload = [3u64, 9].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        payload.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        payload.extend(4242u64.to_le_bytes().into_iter().chain(17u64.to_le_bytes()));
+        assert_eq!(&appended.encode()[..], &hand_frame(0x0a, &payload)[..]);
+        let refused = MarkGroupReplyMsg {
+            epoch: 3,
+            id: 9,
+            outcome: MarkGroupOutcome::Refused { reason: "volume files: fenced".into() },
+        };
+        let mut payload = [3u64, 9].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        payload.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        payload.extend_from_slice(b"volume files: fenced");
+        assert_eq!(&refused.encode()[..], &hand_frame(0x0a, &payload)[..]);
+        for reply in [appended, refused] {
+            assert_eq!(MarkGroupReplyMsg::decode(&decode_one(&reply.encode()).unwrap()).unwrap(), reply);
+        }
+    }
+
+    /// The example in docs/format-replication.md, byte for byte.
+    #[test]
+    fn mark_group_request_example_in_the_format_doc() {
+        let doc = "4b 52 50 4c 01 09 00 00 28 00 00 00 02 58 73 12 \
+                   03 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 \
+                   07 00 02 00 00 00 00 00 6e 69 67 68 74 6c 79 02 \
+                   64 62 05 66 69 6c 65 73";
+        let bytes: Vec<u8> = doc.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+        let request =
+            MarkGroupRequestMsg { epoch: 3, id: 9, name: "nightly".into(), members: vec!["db".into(), "files".into()] };
+        assert_eq!(&request.encode()[..], &bytes[..], "{:02x?}", &request.encode()[..]);
+    }
+
+    #[test]
+    fn mark_group_fields_are_checked() {
+        let request = |name: &[u8], members: &[&[u8]], counts: Option<(u16, u16)>, pad: u8| {
+            let payload = group_request_payload(name, members, counts, pad);
+            MarkGroupRequestMsg::decode(&Frame { ty: FrameType::MarkGroupRequest, payload: payload.into() })
+        };
+        let field = |r: Result<MarkGroupRequestMsg, WireError>| match r {
+            Err(WireError::BadField { field, .. }) => field,
+            other => panic!("expected a bad field, got {other:?}"),
+        };
+        let long_member = [b'v'; GROUP_MEMBER_NAME_MAX_BYTES];
+        let many: Vec<Vec<u8>> = (0..GROUP_MEMBERS_MAX).map(|i| format!("v{i:02}").into_bytes()).collect();
+        let many: Vec<&[u8]> = many.iter().map(Vec::as_slice).collect();
+        assert!(request(b"s", &[b"a", b"b"], None, 0).is_ok());
+        assert!(request(&[b'x'; MARKER_NAME_MAX_BYTES], &[b"a", &long_member], None, 0).is_ok());
+        assert!(request(b"s", &many, None, 0).is_ok());
+        assert_eq!(field(request(b"s", &[b"a", b"b"], None, 1)), "pad");
+        assert_eq!(field(request(b"", &[b"a", b"b"], None, 0)), "name_len");
+        assert_eq!(field(request(&[b'x'; MARKER_NAME_MAX_BYTES + 1], &[b"a", b"b"], None, 0)), "name_len");
+        assert_eq!(field(request(b"s", &[b"a"], None, 0)), "member_count");
+        let too_many: Vec<&[u8]> = many.iter().copied().chain([b"zz".as_slice()]).collect();
+        assert_eq!(field(request(b"s", &too_many, None, 0)), "member_count");
+        assert_eq!(field(request(&[0xff], &[b"a", b"b"], None, 0)), "name");
+        assert_eq!(field(request(b"s", &[b"a", &[0xc3]], None, 0)), "members");
+        assert_eq!(field(request(b"s", &[b"a", b""], None, 0)), "members");
+        // Each once, sorted: a duplicate or a descending pair is refused.
+        assert_eq!(field(request(b"s", &[b"db", b"db"], None, 0)), "members");
+        assert_eq!(field(request(b"s", &[b"files", b"db"], None, 0)), "members");
+        // Counts that disagree with the bytes: too few bytes, or bytes left over.
+        let short = request(b"s", &[b"a", b"b"], Some((1, 3)), 0).unwrap_err();
+        assert!(matches!(short, WireError::TooShort { ty: FrameType::MarkGroupRequest, .. }), "{short}");
+        let long = request(b"s", &[b"a", b"b", b"c"], Some((1, 2)), 0).unwrap_err();
+        assert!(matches!(long, WireError::TooLarge { ty: FrameType::MarkGroupRequest, .. }), "{long}");
+        let cut = request(b"nightly", &[b"a", b"b"], Some((200, 2)), 0).unwrap_err();
+        assert!(matches!(cut, WireError::TooShort { .. }), "{cut}");
+        // The header bounds refuse sizes no valid request has, before anything is read.
+        let (min, max) = FrameType::MarkGroupRequest.payload_bounds();
+        assert_eq!((min, max), (29, 24 + 256 + 16 * 129));
+        let mut header = hand_frame(0x09, &vec![b'x'; max + 1]);
+        header.truncate(HEADER_LEN);
+        assert!(matches!(decode_frame(&header, MAX_FRAME_PAYLOAD), Err(WireError::TooLarge { .. })));
+        let e = decode_frame(&hand_frame(0x09, &[0; 28]), MAX_FRAME_PAYLOAD).unwrap_err();
+        assert!(matches!(e, WireError::TooShort { ty: FrameType::MarkGroupRequest, len: 28, min: 29 }), "{e}");
+
+        let reply = |status: u8, pad: u8, count: u16, rest: &[u8]| {
+            let mut payload = [3u64, 9].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+            payload.extend_from_slice(&[status, pad]);
+            payload.extend_from_slice(&count.to_le_bytes());
+            payload.extend_from_slice(&[0; 4]);
+            payload.extend_from_slice(rest);
+            MarkGroupReplyMsg::decode(&Frame { ty: FrameType::MarkGroupReply, payload: payload.into() })
+        };
+        let reply_field = |r: Result<MarkGroupReplyMsg, WireError>| match r {
+            Err(WireError::BadField { field, .. }) => field,
+            other => panic!("expected a bad field, got {other:?}"),
+        };
+        let seqs = |values: &[u64]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        assert!(reply(0, 0, 2, &seqs(&[5, 6])).is_ok());
+        assert!(reply(1, 0, 0, b"volume x: unknown").is_ok());
+        assert_eq!(reply_field(reply(0, 1, 2, &seqs(&[5, 6]))), "pad");
+        assert_eq!(reply_field(reply(0, 0, 1, &seqs(&[5]))), "seq_count");
+        assert_eq!(reply_field(reply(0, 0, 17, &seqs(&[5; 17]))), "seq_count");
+        assert_eq!(reply_field(reply(0, 0, 2, &seqs(&[5, 0]))), "seqs");
+        assert_eq!(reply_field(reply(1, 0, 2, b"why")), "seq_count");
+        assert_eq!(reply_field(reply(1, 0, 0, &[0xc3])), "reason");
+        assert_eq!(reply_field(reply(1, 0, 0, &[b'x'; MARK_REASON_MAX_BYTES + 1])), "reason");
+        assert_eq!(reply_field(reply(2, 0, 0, b"")), "status");
+        assert!(matches!(reply(0, 0, 3, &seqs(&[5, 6])), Err(WireError::TooShort { .. })));
+        assert!(matches!(reply(0, 0, 2, &seqs(&[5, 6, 7])), Err(WireError::TooLarge { .. })));
+        // A long reason is cut at a character boundary, and the result decodes.
+        let long = "é".repeat(MARK_REASON_MAX_BYTES);
+        let cut = MarkGroupReplyMsg { epoch: 1, id: 1, outcome: MarkGroupOutcome::Refused { reason: long } };
+        let decoded = MarkGroupReplyMsg::decode(&decode_one(&cut.encode()).unwrap()).unwrap();
+        let MarkGroupOutcome::Refused { reason } = decoded.outcome else { panic!("refused expected") };
+        assert_eq!(reason.len(), MARK_REASON_MAX_BYTES);
+    }
+
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Greeting {
         volume: String,
@@ -1376,6 +1786,22 @@ mod tests {
         (any::<u64>(), any::<u64>(), outcome).prop_map(|(epoch, id, outcome)| MarkReplyMsg { epoch, id, outcome })
     }
 
+    fn arb_mark_group_request() -> impl Strategy<Value = MarkGroupRequestMsg> {
+        let members = proptest::collection::btree_set("[a-z0-9._-]{1,40}", GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX);
+        (any::<u64>(), any::<u64>(), "[a-z0-9:.é-]{1,64}", members).prop_map(|(epoch, id, name, members)| {
+            MarkGroupRequestMsg { epoch, id, name, members: members.into_iter().collect() }
+        })
+    }
+
+    fn arb_mark_group_reply() -> impl Strategy<Value = MarkGroupReplyMsg> {
+        let outcome = prop_oneof![
+            proptest::collection::vec(1..u64::MAX, GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX)
+                .prop_map(|seqs| MarkGroupOutcome::Appended { seqs }),
+            ".{0,200}".prop_map(|reason| MarkGroupOutcome::Refused { reason }),
+        ];
+        (any::<u64>(), any::<u64>(), outcome).prop_map(|(epoch, id, outcome)| MarkGroupReplyMsg { epoch, id, outcome })
+    }
+
     /// Valid frames of every binary type and one JSON frame.
     fn arb_frame_bytes() -> impl Strategy<Value = Bytes> {
         prop_oneof![
@@ -1389,6 +1815,8 @@ mod tests {
             (any::<u64>(), any::<u64>()).prop_map(|(epoch, upto_seq)| ResyncEndMsg { epoch, upto_seq }.encode()),
             arb_mark_request().prop_map(|m| m.encode()),
             arb_mark_reply().prop_map(|m| m.encode()),
+            arb_mark_group_request().prop_map(|m| m.encode()),
+            arb_mark_group_reply().prop_map(|m| m.encode()),
             ".{0,64}".prop_map(|volume| encode_json(FrameType::Error, &Greeting { volume, epoch: 1 }).unwrap()),
         ]
     }
@@ -1422,6 +1850,13 @@ mod tests {
         fn mark_messages_round_trip(request in arb_mark_request(), reply in arb_mark_reply()) {
             prop_assert_eq!(MarkRequestMsg::decode(&decode_one(&request.encode()).unwrap()).unwrap(), request);
             prop_assert_eq!(MarkReplyMsg::decode(&decode_one(&reply.encode()).unwrap()).unwrap(), reply);
+        }
+
+        #[test]
+        fn mark_group_messages_round_trip(request in arb_mark_group_request(), reply in arb_mark_group_reply()) {
+            let frame = decode_one(&request.encode()).unwrap();
+            prop_assert_eq!(MarkGroupRequestMsg::decode(&frame).unwrap(), request);
+            prop_assert_eq!(MarkGroupReplyMsg::decode(&decode_one(&reply.encode()).unwrap()).unwrap(), reply);
         }
 
         #[test]

@@ -16,21 +16,24 @@
 //! a group's snapshots whole ([`Repo::apply_retention`]).
 //!
 //! Where it is taken: on the node where every member is writable (unreplicated, or this
-//! node is the primary). A standby does not take group snapshots: its members each follow
-//! the primary's journal on their own stream, and one standby marker request covers one
-//! volume, so the primary takes the group (docs/snapshots.md, "Consistency groups").
+//! node is the primary), or on the standby of a group whose members are all replicated
+//! to it: the standby freezes every member, asks the primary for the group's markers in
+//! one request (the primary appends them under all the members' journal locks with
+//! `Volume::mark_group`), checks each member froze at its marker over a session that
+//! stayed consistent, and reads its own copies ([`Runner::snapshot_group_standby`];
+//! docs/snapshots.md, "Consistency groups").
 
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use keel_engine::Volume;
+use keel_engine::{Frozen, Volume};
 use keel_snapshot::create::{self, CreateReport, Progress};
 use keel_snapshot::maintain;
 use keel_snapshot::manifest::GroupV2;
 use keel_snapshot::vault::keys;
 use serde::{Deserialize, Serialize};
 
-use super::{Repo, Runner};
+use super::{Repo, Runner, StandbyGroupJob};
 
 /// `[[snapshots.group]]`: volumes snapshotted together, at one instant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,16 +123,35 @@ impl Repo {
         }
         let frozen = Volume::snapshot_group(volumes, marker)
             .with_context(|| format!("group {}: freezing its volumes failed", group.name))?;
+        let names: Vec<&str> = volumes.iter().map(|v| v.name()).collect();
+        self.take_group_frozen(group, &names, frozen, progress)
+    }
+
+    /// Reads a group's frozen views (one per member, `names[i]` frozen as `frozen[i]`, all
+    /// at one instant of the group) into the repo under one snapshot id; a group snapshot
+    /// exists whole or not at all, as for [`Repo::take_group`].
+    pub fn take_group_frozen(
+        &self,
+        group: &GroupConfig,
+        names: &[&str],
+        frozen: Vec<Frozen>,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<Vec<CreateReport>> {
+        let mut sorted: Vec<&str> = names.to_vec();
+        sorted.sort_unstable();
+        if sorted != group.volumes.iter().map(String::as_str).collect::<Vec<_>>() || frozen.len() != names.len() {
+            bail!("group {}: given views of {names:?}, but its members are {:?}", group.name, group.volumes);
+        }
         let created_unix = keel_snapshot::lease::now_unix();
         let member = GroupMember {
             group: GroupV2 { name: group.name.clone(), members: group.volumes.clone() },
             snapshot_id: create::new_snapshot_id(created_unix),
             created_unix,
         };
-        let mut reports: Vec<CreateReport> = Vec::with_capacity(volumes.len());
+        let mut reports: Vec<CreateReport> = Vec::with_capacity(names.len());
         // Each view is dropped once read: it stops copying regions aside.
-        for (volume, view) in volumes.iter().zip(frozen) {
-            match self.take_frozen_as(volume.name(), &view, Some(&member), progress) {
+        for (volume, view) in names.iter().zip(frozen) {
+            match self.take_frozen_as(volume, &view, Some(&member), progress) {
                 Ok(report) => reports.push(report),
                 Err(e) => {
                     let undone: Vec<String> = reports
@@ -143,9 +165,7 @@ impl Repo {
                     };
                     return Err(e.context(format!(
                         "group {} snapshot {}: member {} failed; {undo}",
-                        group.name,
-                        member.snapshot_id,
-                        volume.name()
+                        group.name, member.snapshot_id, volume
                     )));
                 }
             }
@@ -167,7 +187,54 @@ impl Runner {
         let _one_at_a_time = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let started = std::time::Instant::now();
         let refs: Vec<&Volume> = volumes.iter().map(|v| &**v).collect();
-        let reports = match self.repo.take_group(group, &refs, marker, &|_| {}) {
+        let names: Vec<&str> = refs.iter().map(|v| v.name()).collect();
+        let taken = self.repo.take_group(group, &refs, marker, &|_| {});
+        self.after_group_take(group, &names, taken, started)
+    }
+
+    /// Takes a snapshot of consistency group `group` on this node, the standby of every
+    /// member (blocking): freezes each member at the markers the primary appends for the
+    /// group in one request, reads the views into the repo under one snapshot id, then
+    /// copies and applies the group's retention like [`Runner::snapshot_group`]. Fails,
+    /// reading nothing, unless every member may take a snapshot here and the primary
+    /// appended the markers (see `freeze_group_on_standby`).
+    pub fn snapshot_group_standby(&self, job: &StandbyGroupJob, marker: &str) -> Result<serde_json::Value> {
+        let frozen = match self.freeze_group_on_standby(job, marker) {
+            Ok(frozen) => frozen,
+            Err(e) => {
+                for volume in &job.group.volumes {
+                    let _ = self.taken_or_reported(volume, Err(anyhow!("{e:#}")));
+                }
+                return Err(e);
+            }
+        };
+        self.take_group_frozen_now(job, frozen)
+    }
+
+    /// Reads a standby group's views into the repo (one snapshot at a time), then copies
+    /// and retention.
+    pub(super) fn take_group_frozen_now(
+        &self,
+        job: &StandbyGroupJob,
+        frozen: Vec<Frozen>,
+    ) -> Result<serde_json::Value> {
+        let _one_at_a_time = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let started = std::time::Instant::now();
+        let names: Vec<&str> = job.members.iter().map(|rv| rv.name()).collect();
+        let taken = self.repo.take_group_frozen(&job.group, &names, frozen, &|_| {});
+        self.after_group_take(&job.group, &names, taken, started)
+    }
+
+    /// Reports a group snapshot of `names` taken since `started` (or its failure, for
+    /// every member) as events, then copies it and applies the group's retention.
+    fn after_group_take(
+        &self,
+        group: &GroupConfig,
+        names: &[&str],
+        taken: Result<Vec<CreateReport>>,
+        started: std::time::Instant,
+    ) -> Result<serde_json::Value> {
+        let reports = match taken {
             Ok(reports) => reports,
             Err(e) => {
                 for volume in &group.volumes {
@@ -177,17 +244,16 @@ impl Runner {
             }
         };
         let took = started.elapsed();
-        let members: Vec<serde_json::Value> = refs
+        let members: Vec<serde_json::Value> = names
             .iter()
             .zip(&reports)
             .map(|(volume, report)| {
-                let mut summary = self.report_taken(volume.name(), report, took, Some(&group.name));
-                summary["volume"] = serde_json::json!(volume.name());
+                let mut summary = self.report_taken(volume, report, took, Some(&group.name));
+                summary["volume"] = serde_json::json!(volume);
                 summary
             })
             .collect();
-        let names: Vec<&str> = refs.iter().map(|v| v.name()).collect();
-        let (copies, retention) = self.copy_and_retain(&names);
+        let (copies, retention) = self.copy_and_retain(names);
         Ok(serde_json::json!({
             "ok": true,
             "group": group.name,
