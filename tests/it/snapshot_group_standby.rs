@@ -10,144 +10,35 @@
 //! holds `files ≤ db ≤ files + 1`, both members share one id and name the standby, and
 //! the primary took no snapshot.
 
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use keel_tests::cluster::{Cluster, ClusterOptions, Network};
-use keel_tests::cmd::{run, run_ok, Output};
-use keel_tests::daemon::workspace_bin;
-use keel_tests::nbd_client::NbdClient;
-use serde_json::Value;
 
 use crate::failover::CLUSTER_LOCK;
+use crate::snapshot_group::{counter_of, PairWriter};
+use crate::snapshot_standby::{json, keel, Keys};
 
-const TIMEOUT: Duration = Duration::from_secs(300);
-const BLOCK: usize = 4096;
 const GROUP: &str = "[[snapshots.group]]\nname = \"shop\"\nvolumes = [\"files\", \"db\"]\n";
 
-/// A tenant key made once with `keel snapshot key-init` and copied for each node (a pair
-/// must share it), and the `[snapshots]` sections that use the copies (as in
-/// `snapshot_standby`).
-struct Keys {
-    dir: tempfile::TempDir,
-}
-
-impl Keys {
-    fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("keel-keys-").tempdir().unwrap();
-        let config = dir.path().join("keygen.toml");
-        let key = dir.path().join("tenant.key");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = \"{}\"\nnbd_socket = \"{}\"\n\n[snapshots]\nkey_file = \"{}\"\n",
-                dir.path().join("keygen").display(),
-                dir.path().join("keygen.sock").display(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(workspace_bin("keel"));
-        cmd.args(["snapshot", "key-init", "--config"]).arg(&config);
-        run_ok(&mut cmd, TIMEOUT).unwrap();
-        for node in 0..2 {
-            std::fs::copy(&key, dir.path().join(format!("node-{node}.key"))).unwrap();
-        }
-        Self { dir }
-    }
-
-    fn options(&self, network: Network) -> ClusterOptions {
-        let section = |node: usize| {
-            let key = self.dir.path().join(format!("node-{node}.key"));
-            format!(
-                "[snapshots]\ntenant = \"acme\"\nkey_file = \"{}\"\nchunk_size = \"64K\"\nmin_copies = 0\nthreads = 1\n\n{GROUP}",
-                key.display()
-            )
-        };
-        ClusterOptions {
-            volumes: vec![("db".into(), "8MiB".into()), ("files".into(), "8MiB".into())],
-            node_extra: [section(0), section(1)],
-            network,
-            ..ClusterOptions::default()
-        }
-    }
-}
-
-/// Runs `keel ARGS --config CONFIG-of-node`, whatever it returns.
-fn keel(cluster: &Cluster, node: usize, args: &[&str]) -> Output {
-    let mut cmd = Command::new(workspace_bin("keel"));
-    cmd.args(args).arg("--config").arg(&cluster.nodes[node].config);
-    run(&mut cmd, TIMEOUT).unwrap()
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.describe()))
-}
-
-fn counter_block(n: u64) -> Vec<u8> {
-    let mut block = vec![0u8; BLOCK];
-    block[..8].copy_from_slice(&n.to_le_bytes());
-    block[BLOCK - 8..].copy_from_slice(&n.to_le_bytes());
-    block
-}
-
-fn counter_of(bytes: &[u8]) -> u64 {
-    let head = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-    let tail = u64::from_le_bytes(bytes[BLOCK - 8..BLOCK].try_into().unwrap());
-    assert_eq!(head, tail, "a torn counter block");
-    head
-}
-
-/// Stops the writer however the test thread leaves (a failed check too).
-struct Stop(Arc<AtomicBool>);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
+/// The pair `db` + `files` of 8 MiB each, both nodes with the group.
+fn options(keys: &Keys, network: Network) -> ClusterOptions {
+    keys.options(&[("db", "8MiB"), ("files", "8MiB")], network, GROUP)
 }
 
 #[test]
 fn group_snapshots_on_the_standby_are_one_instant_of_all_members() {
     let _serial = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let keys = Keys::new();
-    let cluster = Cluster::start(&keys.options(Network::Loopback)).unwrap();
+    let cluster = Cluster::start(&options(&keys, Network::Loopback)).unwrap();
     let primary = cluster.wait_in_sync("db", Duration::from_secs(60)).unwrap();
     assert_eq!(cluster.wait_in_sync("files", Duration::from_secs(60)).unwrap(), primary, "{}", cluster.describe());
     let standby = 1 - primary;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (socket, stop, written) = (cluster.socket(primary), Arc::clone(&stop), Arc::clone(&written));
-        std::thread::spawn(move || {
-            let mut db = NbdClient::connect(&socket, "db").unwrap();
-            let mut files = NbdClient::connect(&socket, "files").unwrap();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                // FUA: acknowledged means durable on both nodes, and only then is the
-                // next write issued.
-                db.write(0, &counter_block(n), true).unwrap();
-                files.write(0, &counter_block(n), true).unwrap();
-                written.store(n, Ordering::Relaxed);
-            }
-            db.disconnect().unwrap();
-            files.disconnect().unwrap();
-        })
-    };
-    let stopper = Stop(Arc::clone(&stop));
+    let writer = PairWriter::start(cluster.socket(primary));
 
     let mut taken = Vec::new();
     for round in 0..3 {
-        // Wait on the writer's progress, not on a clock.
-        let target = written.load(Ordering::Relaxed) + 20;
-        keel_tests::cmd::wait_for("the writer to write more pairs", TIMEOUT, || {
-            Ok((written.load(Ordering::Relaxed) >= target).then_some(()))
-        })
-        .unwrap();
+        writer.wait_for_more(20);
         let out = keel(&cluster, standby, &["snapshot", "create", "shop", "--json"]);
         let answer = json(&out);
         assert_eq!(answer["result"], "done", "round {round}: {}\n{}", out.describe(), cluster.describe());
@@ -159,8 +50,7 @@ fn group_snapshots_on_the_standby_are_one_instant_of_all_members() {
         assert!(members.iter().all(|m| m["snapshot"] == details["snapshot"]), "one id for all: {details}");
         taken.push(details["snapshot"].as_str().unwrap().to_owned());
     }
-    drop(stopper);
-    writer.join().unwrap();
+    writer.finish();
 
     for id in &taken {
         let mut counters = Vec::new();
@@ -207,7 +97,7 @@ fn group_snapshots_on_the_standby_are_one_instant_of_all_members() {
 fn a_standby_cut_off_refuses_the_group_and_the_primary_takes_it() {
     let _serial = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let keys = Keys::new();
-    let cluster = Cluster::start(&keys.options(Network::Proxied)).unwrap();
+    let cluster = Cluster::start(&options(&keys, Network::Proxied)).unwrap();
     let primary = cluster.wait_in_sync("db", Duration::from_secs(60)).unwrap();
     let standby = 1 - primary;
     cluster.cut_link(0, 1, true).unwrap();

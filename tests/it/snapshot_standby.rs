@@ -34,12 +34,12 @@ const MIB: u64 = 1 << 20;
 
 /// A tenant key made once with `keel snapshot key-init` and copied for each node (a pair
 /// must share it), and the `[snapshots]` sections that use the copies.
-struct Keys {
+pub(crate) struct Keys {
     dir: tempfile::TempDir,
 }
 
 impl Keys {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::Builder::new().prefix("keel-keys-").tempdir().unwrap();
         let config = dir.path().join("keygen.toml");
         let key = dir.path().join("tenant.key");
@@ -73,7 +73,7 @@ impl Keys {
         )
     }
 
-    fn options(&self, volumes: &[(&str, &str)], network: Network, extra: &str) -> ClusterOptions {
+    pub(crate) fn options(&self, volumes: &[(&str, &str)], network: Network, extra: &str) -> ClusterOptions {
         ClusterOptions {
             volumes: volumes.iter().map(|(name, size)| (name.to_string(), size.to_string())).collect(),
             node_extra: [self.section(0, extra), self.section(1, extra)],
@@ -84,13 +84,13 @@ impl Keys {
 }
 
 /// Runs `keel ARGS --config CONFIG-of-node`, whatever it returns.
-fn keel(cluster: &Cluster, node: usize, args: &[&str]) -> Output {
+pub(crate) fn keel(cluster: &Cluster, node: usize, args: &[&str]) -> Output {
     let mut cmd = Command::new(workspace_bin("keel"));
     cmd.args(args).arg("--config").arg(&cluster.nodes[node].config);
     run(&mut cmd, TIMEOUT).unwrap()
 }
 
-fn json(out: &Output) -> Value {
+pub(crate) fn json(out: &Output) -> Value {
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.describe()))
 }
 

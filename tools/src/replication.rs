@@ -267,14 +267,23 @@ impl Control {
                 tokio::task::spawn_blocking(move || runner.snapshot_now(&target, &marker)).await
             }
         };
-        match taken {
-            Ok(Ok(details)) => ControlResponse::Done {
-                message: format!("snapshot {} of {volume} taken", details["snapshot"].as_str().unwrap_or("?")),
-                details,
-            },
-            Ok(Err(e)) => ControlResponse::Error { message: format!("snapshot of {volume} failed: {e:#}") },
-            Err(e) => ControlResponse::Error { message: format!("snapshot of {volume} failed: {e}") },
-        }
+        snapshot_response(&volume, taken)
+    }
+}
+
+/// The control answer for a snapshot of `what` ("db", "group shop") taken on a blocking
+/// task.
+fn snapshot_response(
+    what: &str,
+    taken: Result<anyhow::Result<serde_json::Value>, tokio::task::JoinError>,
+) -> ControlResponse {
+    match taken {
+        Ok(Ok(details)) => ControlResponse::Done {
+            message: format!("snapshot {} of {what} taken", details["snapshot"].as_str().unwrap_or("?")),
+            details,
+        },
+        Ok(Err(e)) => ControlResponse::Error { message: format!("snapshot of {what} failed: {e:#}") },
+        Err(e) => ControlResponse::Error { message: format!("snapshot of {what} failed: {e}") },
     }
 }
 
@@ -301,14 +310,7 @@ impl Control {
         let marker = marker.unwrap_or_else(|| "manual".into());
         let name = group.name.clone();
         let taken = tokio::task::spawn_blocking(move || runner.snapshot_group(&job.group, &job.volumes, &marker)).await;
-        match taken {
-            Ok(Ok(details)) => ControlResponse::Done {
-                message: format!("snapshot {} of group {name} taken", details["snapshot"].as_str().unwrap_or("?")),
-                details,
-            },
-            Ok(Err(e)) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e:#}") },
-            Err(e) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e}") },
-        }
+        snapshot_response(&format!("group {name}"), taken)
     }
 
     /// `keel snapshot create GROUP` on the standby of every member.
@@ -328,14 +330,7 @@ impl Control {
         });
         let name = job.group.name.clone();
         let taken = tokio::task::spawn_blocking(move || runner.snapshot_group_standby(&job, &marker)).await;
-        match taken {
-            Ok(Ok(details)) => ControlResponse::Done {
-                message: format!("snapshot {} of group {name} taken", details["snapshot"].as_str().unwrap_or("?")),
-                details,
-            },
-            Ok(Err(e)) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e:#}") },
-            Err(e) => ControlResponse::Error { message: format!("snapshot of group {name} failed: {e}") },
-        }
+        snapshot_response(&format!("group {name}"), taken)
     }
 
     fn status(&self) -> serde_json::Value {

@@ -38,6 +38,15 @@ pub(crate) const JOURNAL_DIR: &str = "journal";
 /// A zero-filled slot file prepared in the background, renamed into place by a roll.
 const SPARE_FILE: &str = "spare.tmp";
 
+/// A slot the next segment may reuse: not the active one, and holding no segment or only
+/// one the last checkpoint made obsolete.
+fn free_slot(w: &Writer) -> Option<usize> {
+    w.slots
+        .iter()
+        .enumerate()
+        .position(|(i, s)| i != w.active && s.segment_no.is_none_or(|no| no < w.checkpoint_segment_no))
+}
+
 /// File name of segment slot `index`.
 pub(crate) fn slot_path(journal_dir: &Path, index: usize) -> PathBuf {
     journal_dir.join(format!("slot-{index:04}.seg"))
@@ -298,6 +307,16 @@ impl Journal {
     }
 
     /// [`Journal::append`] with the journal lock already held.
+    /// Whether a local record with `payload_len` payload bytes can be appended now without
+    /// [`AppendError::Full`]. Exact while the caller holds `guard`: only the writer moves
+    /// the segments, and a checkpoint only frees them. A consistency group checks every
+    /// member before it appends any marker, so its markers go in all or none.
+    pub(crate) fn has_room_locked(&self, guard: &WriterGuard<'_>, payload_len: usize) -> bool {
+        let w = &*guard.0;
+        let record_len = RecordHeader::encoded_len(payload_len) as u64;
+        w.offset + record_len <= self.segment_bytes || free_slot(w).is_some() || w.slots.len() < self.segment_count_max
+    }
+
     pub(crate) fn append_locked(
         &self,
         guard: &mut WriterGuard<'_>,
@@ -370,12 +389,7 @@ impl Journal {
     /// writer still points at the old segment: the caller moves it.
     fn start_segment(&self, w: &mut Writer, first_seq: u64) -> Result<(usize, u64), AppendError> {
         let io = |what: &str, e| AppendError::Io(format!("{what} for journal segment {}", w.segment_no + 1), e);
-        let free = w
-            .slots
-            .iter()
-            .enumerate()
-            .position(|(i, s)| i != w.active && s.segment_no.is_none_or(|no| no < w.checkpoint_segment_no));
-        let index = match free {
+        let index = match free_slot(w) {
             Some(index) => index,
             None if w.slots.len() < self.segment_count_max => {
                 let path = slot_path(&self.dir, w.slots.len());

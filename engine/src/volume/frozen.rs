@@ -102,11 +102,9 @@ impl Volume {
     /// (`Volume::freeze_at_marker` on each member there). Takes no freeze, so it never
     /// fails for [`FROZEN_MAX`].
     ///
-    /// When a journal is full the whole group is appended again after a checkpoint, so
-    /// the members before the full one (in name order) then hold an earlier marker of the
-    /// same name too, at another instant. A standby's freeze catches the first marker of
-    /// its name: whoever freezes at these markers must check that each view's seq is the
-    /// one returned here (the standby does, and retries with a new name).
+    /// The markers go in all or none: every member's journal is checked for room under
+    /// the locks before the first is appended (a full one is checkpointed and the group
+    /// retried), so each member holds exactly one marker of this group at its instant.
     pub fn mark_group(volumes: &[&Volume], name: &str) -> Result<Vec<u64>> {
         append_group(volumes, name, GroupFreeze::MarkOnly).map(|(seqs, _)| seqs)
     }
@@ -159,10 +157,17 @@ fn append_group(volumes: &[&Volume], name: &str, freeze: GroupFreeze) -> Result<
             }
         }
         let mut seqs = vec![0u64; volumes.len()];
-        let mut full = None;
+        let full;
         {
             let mut guards: Vec<_> = order.iter().map(|&i| volumes[i].inner.journal.lock_writer()).collect();
-            for (guard, &i) in guards.iter_mut().zip(&order) {
+            // Room for every marker before the first is appended: all of them or none (a
+            // retry would leave members with two markers of this name, at two instants).
+            full = guards
+                .iter()
+                .zip(&order)
+                .find(|(guard, &i)| !volumes[i].inner.journal.has_room_locked(guard, record.payload.len()))
+                .map(|(_, &i)| i);
+            for (guard, &i) in guards.iter_mut().zip(&order).filter(|_| full.is_none()) {
                 let inner = &volumes[i].inner;
                 let core = views.get(i).map(|view| Arc::clone(&view.core));
                 let apply = |seq: u64| inner.apply(seq, &record, core.as_ref());
@@ -175,10 +180,7 @@ fn append_group(volumes: &[&Volume], name: &str, freeze: GroupFreeze) -> Result<
                         #[cfg(test)]
                         std::thread::yield_now();
                     }
-                    Err(crate::journal::AppendError::Full) => {
-                        full = Some(i);
-                        break;
-                    }
+                    // Full was ruled out above, under these locks.
                     Err(e) => return Err(inner.append_error(&record, e)),
                 }
             }
@@ -187,7 +189,8 @@ fn append_group(volumes: &[&Volume], name: &str, freeze: GroupFreeze) -> Result<
             volume.inner.after_append();
         }
         if let Some(i) = full {
-            // Dropping `views` undoes the reservations; retry after a checkpoint.
+            // Nothing was appended. Dropping `views` undoes the reservations; retry after
+            // a checkpoint of the full journal.
             drop(views);
             volumes[i].inner.checkpoint(super::CheckpointMode::Always)?;
             continue;
@@ -274,7 +277,8 @@ impl Frozen {
     ///
     /// Made for bulk reads: the block store's part comes in one read that bypasses the page
     /// cache when `buf` and `offset` are aligned to [`DIRECT_ALIGN`](crate::DIRECT_ALIGN),
-    /// without holding any lock across the I/O, so writers wait only for the bookkeeping.
+    /// without holding any lock a writer takes across the I/O, so writers wait only for
+    /// the bookkeeping.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (set, core) = (&*self.set, &*self.core);
         set.check_range(offset, buf.len() as u64)?;
@@ -927,14 +931,10 @@ mod group_marker_tests {
                 }
             }
             let _stop = StopOnDrop(&stop);
-            let (mut seen_ahead, mut retried) = (0, 0);
+            let mut seen_ahead = 0;
             for i in 0..2000 {
                 let name = format!("g{i}");
-                // Two waiters each: a full journal in the middle of the group makes
-                // `mark_group` append the group again, so a member before the full one
-                // then holds two markers of the name; the second is the one returned.
-                let waiters = [&db_copy, &files_copy]
-                    .map(|copy| (copy.freeze_at_marker(&name).unwrap(), copy.freeze_at_marker(&name).unwrap()));
+                let waiters = [&db_copy, &files_copy].map(|copy| copy.freeze_at_marker(&name).unwrap());
                 // Group order differs from name order half the time; the seqs come back
                 // in the caller's order.
                 let seqs = if i % 2 == 0 {
@@ -944,25 +944,14 @@ mod group_marker_tests {
                     seqs.reverse();
                     seqs
                 };
-                let views: Vec<super::Frozen> = waiters
-                    .iter()
-                    .zip(&seqs)
-                    .map(|((first, second), &seq)| {
-                        let view = first.wait(Duration::from_secs(10)).unwrap();
-                        if view.seq() < seq {
-                            retried += 1;
-                            return second.wait(Duration::from_secs(10)).unwrap();
-                        }
-                        view
-                    })
-                    .collect();
+                let views: Vec<super::Frozen> =
+                    waiters.iter().map(|waiter| waiter.wait(Duration::from_secs(10)).unwrap()).collect();
                 assert_eq!([views[0].seq(), views[1].seq()], [seqs[0], seqs[1]], "marker {name}");
                 let (a, b) = (counter(&views[0]), counter(&views[1]));
                 assert!(b <= a && a <= b + 1, "group marker {i}: db at {a}, files at {b}");
                 seen_ahead += usize::from(a == b + 1);
             }
             assert!(seen_ahead > 0, "no group marker fell between a pair's two writes");
-            eprintln!("{retried} of 4000 member markers came after a retry on a full journal");
         });
         // Markers only: the primary holds no freeze, so FROZEN_MAX never limits them.
         for i in 0..FROZEN_MAX + 2 {
@@ -976,5 +965,44 @@ mod group_marker_tests {
         assert_eq!((db.last_seq(), files.last_seq()), before);
         db.set_record_sink(None);
         files.set_record_sink(None);
+    }
+
+    /// A full journal in the middle of a group appends nothing: every member's room is
+    /// checked under the locks first, the full one is checkpointed, and the group goes in
+    /// once, one marker per member (a retry after appending to the first members would
+    /// leave them two markers of the name, at two instants).
+    #[test]
+    fn a_full_journal_in_a_group_appends_each_marker_once() {
+        let env: Arc<dyn Env> = Arc::new(FaultyEnv::new());
+        let options = OpenOptions { background_checkpoints: false, ..OpenOptions::default() };
+        let open_manual = |name: &str| {
+            let volume = open(&env, "/full", name);
+            drop(volume);
+            Volume::open(Arc::clone(&env), &Path::new("/full").join(name), &options).unwrap().0
+        };
+        let (db, files) = (open_manual("db"), open_manual("files"));
+        // Fill `files` (second in name order) with markers of the group marker's size until
+        // one more would not fit without a checkpoint.
+        let room = |volume: &Volume| volume.inner.journal.has_room_locked(&volume.inner.journal.lock_writer(), 3);
+        let mut filled = 0;
+        while room(&files) {
+            files.mark_snapshot(&format!("{:03}", filled % 1000)).unwrap();
+            filled += 1;
+        }
+        assert!(filled > 100, "the journal filled after {filled} markers");
+        assert!(room(&db));
+        let before = (db.last_seq(), files.last_seq());
+        let seqs = Volume::mark_group(&[&db, &files], "grp").unwrap();
+        assert_eq!(seqs, vec![before.0 + 1, before.1 + 1], "one marker each, nothing before the checkpoint");
+        assert_eq!((db.last_seq(), files.last_seq()), (before.0 + 1, before.1 + 1));
+        assert!(room(&files), "the full journal was checkpointed");
+        // The same with freezes.
+        while room(&files) {
+            files.mark_snapshot("xyz").unwrap();
+        }
+        let before = (db.last_seq(), files.last_seq());
+        let views = Volume::snapshot_group(&[&files, &db], "grq").unwrap();
+        assert_eq!([views[0].seq(), views[1].seq()], [before.1 + 1, before.0 + 1]);
+        assert_eq!((db.last_seq(), files.last_seq()), (before.0 + 1, before.1 + 1));
     }
 }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use keel_engine::{FreezeWaiter, Frozen, Volume};
+use keel_engine::{Frozen, Volume};
 use keel_net::repl::state::Role;
 use keel_net::repl::volume::ReplVolume;
 use keel_net::CancellationToken;
@@ -284,31 +284,16 @@ impl Runner {
             .map(|rv| rv.standby_snapshot_session().map_err(|e| anyhow!("group {group}: {e}")))
             .collect::<Result<Vec<_>>>()?;
         lead.standby_group_snapshot_ready().map_err(|e| anyhow!("group {group}: {e}"))?;
-        // Before the request: a marker may be applied before the answer is read. Two
-        // waiters per member when there is room: if the primary's journal was full in
-        // the middle of the group, `Volume::mark_group` appended the whole group again
-        // after a checkpoint, leaving an earlier marker of this name on the members
-        // before the full one; the first waiter catches that one, the second ours.
-        let waiters = job
-            .members
-            .iter()
-            .map(|rv| {
-                let first = rv.volume().freeze_at_marker(marker)?;
-                let second = rv.volume().freeze_at_marker(marker).ok();
-                Ok((first, second))
-            })
-            .collect::<Result<Vec<(FreezeWaiter, Option<FreezeWaiter>)>>>()?;
+        // Before the request: a marker may be applied before the answer is read.
+        let waiters =
+            job.members.iter().map(|rv| rv.volume().freeze_at_marker(marker)).collect::<Result<Vec<_>, _>>()?;
         let names: Vec<String> = job.members.iter().map(|rv| rv.name().to_owned()).collect();
         let seqs = lead.request_group_snapshot_marker(marker, &names, MARKER_TIMEOUT).map_err(|e| anyhow!(e))?;
         let mut frozen = Vec::with_capacity(waiters.len());
-        for ((rv, (first, second)), &seq) in job.members.iter().zip(waiters).zip(&seqs) {
-            let mut view = first.wait(MARKER_TIMEOUT)?;
-            if let (true, Some(second)) = (view.seq() < seq, second) {
-                drop(view);
-                view = second.wait(MARKER_TIMEOUT)?;
-            }
-            // An older marker of the name (another request's, or a second retry of the
-            // group) may have come first: only the one appended for us counts.
+        for ((rv, waiter), &seq) in job.members.iter().zip(waiters).zip(&seqs) {
+            let view = waiter.wait(MARKER_TIMEOUT)?;
+            // Another marker of the same name (not ours: the primary appends a group's
+            // markers once, all or none) may have come first: only ours is known good.
             if view.seq() != seq {
                 bail!(
                     "group {group}: volume {} froze at a marker {marker:?} with seq {}, not the one appended for this \
