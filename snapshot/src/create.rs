@@ -2,16 +2,18 @@
 //! the manifest last.
 //!
 //! ```text
-//!  reader thread ──(index, buffer)──▶ N sealing workers ──▶ vault.put_chunk
-//!       ▲  reads only changed chunks          │ hole? id known? seal, put
-//!       └───────── buffers come back ◀────────┘──(index, entry)──▶ collector → manifest
+//!  16 readers ──(batch, buffer)──▶ N sealing workers ──▶ vault.put_chunk
+//!       ▲  read only changed chunks, │ hole? id known? seal, put
+//!       │  past the page cache       │
+//!       └──── buffers come back ◀────┘──(batch of entries)──▶ collector → manifest
 //! ```
 //!
 //! - Incremental: with a parent manifest and the set of chunks changed since its marker,
 //!   only those chunks are read; the others are copied from the parent's entries. Without
 //!   a trustworthy change set ([`Changed::All`]) every chunk is read, and the manifest says
 //!   so (`full_read`).
-//! - Memory is bounded: `2 × threads` chunk buffers in flight.
+//! - Memory is bounded: `readers + 2 × threads + 1` batch buffers of 1 MiB (or one
+//!   chunk, when chunks are larger) in flight.
 //! - Dedup costs one keyed hash: a chunk whose id the vault already holds is not sealed.
 //! - The upload holds a lease ([`UploadLease`]) so GC cannot sweep chunks it is about to
 //!   reference; the manifest is written only while the lease is valid, and last.
@@ -245,9 +247,13 @@ pub fn create_snapshot(
             )),
             None,
         ),
-        (Some(p), Changed::Chunks(list)) => {
+        (Some(p), Changed::Chunks(mut list)) => {
             let entries: Vec<[u8; 32]> = p.archived().chunks.iter().copied().collect();
-            let list: Vec<u64> = list.into_iter().filter(|&i| i < chunk_count).collect();
+            // Ascending and unique, as batching and releasing need (a short last chunk
+            // must come last in its batch).
+            list.sort_unstable();
+            list.dedup();
+            list.retain(|&i| i < chunk_count);
             (entries, list, None, Some(p.snapshot_id().to_owned()))
         }
         (Some(_), Changed::All(reason)) | (None, Changed::All(reason)) => {
@@ -309,7 +315,7 @@ pub fn create_snapshot(
     let next_batch = AtomicUsize::new(0);
     let (done_tx, done_rx) = mpsc::channel::<Vec<(u64, [u8; 32])>>();
 
-    std::thread::scope(|scope| {
+    let sealed = std::thread::scope(|scope| {
         // Readers: each takes the next batch of chunks and a buffer from the free list,
         // reads consecutive chunks in one request each (aligned, so a frozen volume or an
         // image is read past the page cache), and hands the batch to a worker. Several
@@ -408,10 +414,27 @@ pub fn create_snapshot(
             }
         }
         for reader in reader_threads {
-            let _ = reader.join();
+            if reader.join().is_err() {
+                fail(CreateError::Read {
+                    volume: volume.clone(),
+                    offset: 0,
+                    reason: "a reader thread panicked".into(),
+                });
+            }
         }
+        done
     });
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    let mut first_error = first_error.into_inner().unwrap_or_else(|p| p.into_inner());
+    if first_error.is_none() && sealed != to_read.len() {
+        // Defensive: every chunk to read has its entry before a manifest names them (a
+        // reader's panic is reported above; a worker's re-panics out of the scope).
+        first_error = Some(CreateError::Read {
+            volume: volume.clone(),
+            offset: 0,
+            reason: format!("{sealed} of {} chunks were sealed; a pipeline thread stopped", to_read.len()),
+        });
+    }
+    if let Some(e) = first_error {
         lease.abandon();
         return Err(e);
     }
@@ -557,7 +580,7 @@ impl Source for FileSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.file.read_at(buf, offset).map_err(|e| e.to_string())
+        self.file.read_exact_at(buf, offset).map_err(|e| e.to_string())
     }
 }
 
@@ -651,6 +674,35 @@ mod tests {
         assert_eq!(m2.parent(), Some("s1"));
         assert_eq!(m2.chunk(4), m1.chunk(4));
         assert_ne!(m2.chunk(0), m1.chunk(0));
+        // A change list out of order, with repeats, reads each chunk once and seals the
+        // same chunks as a full read (the short last chunk is not paired with other bytes).
+        data[3 * 4096] = 5;
+        let r3 = create_snapshot(
+            &key,
+            &vault,
+            &MemSource(data.clone()),
+            &options("s3"),
+            Some(&m2),
+            Changed::Chunks(vec![10, 3, 10, 0]),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(r3.stats.chunks_read, 3);
+        let full = create_snapshot(
+            &key,
+            &vault,
+            &MemSource(data.clone()),
+            &options("s4"),
+            None,
+            Changed::All("check".into()),
+            &|_| {},
+        )
+        .unwrap();
+        let m3 = Manifest::load(&vault.get_object(&r3.manifest_key).unwrap(), &key).unwrap();
+        let m4 = Manifest::load(&vault.get_object(&full.manifest_key).unwrap(), &key).unwrap();
+        for index in 0..11 {
+            assert_eq!(m3.chunk(index), m4.chunk(index), "chunk {index}");
+        }
         // No upload leases left behind.
         assert!(vault.list_objects(keys::UPLOADS).unwrap().is_empty());
     }
@@ -696,6 +748,29 @@ mod tests {
             released,
             vec![(0, 2 * 4096), (2 * 4096, 2 * 4096), (4 * 4096, 5 * 4096), (9 * 4096, size - 9 * 4096)]
         );
+    }
+
+    /// A reader that dies (a panic in the source) fails the snapshot: no manifest, no lease.
+    #[test]
+    fn a_panicking_reader_leaves_no_manifest() {
+        struct Panicking;
+        impl Source for Panicking {
+            fn size(&self) -> u64 {
+                4 << 20
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+                assert!(offset < 2 << 20, "test source: a bug past 2 MiB");
+                buf.fill(1);
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let vault = LocalVault::open("local", dir.path(), "t").unwrap();
+        let key = TenantKey::from_bytes([3; 32]);
+        let err = create_snapshot(&key, &vault, &Panicking, &options("s1"), None, Changed::All("x".into()), &|_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+        assert!(vault.list_objects("").unwrap().is_empty(), "no manifest, no lease");
     }
 
     #[test]

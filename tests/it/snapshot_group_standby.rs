@@ -121,3 +121,37 @@ fn a_standby_cut_off_refuses_the_group_and_the_primary_takes_it() {
     assert_eq!(answer["result"], "done", "{}\n{}", out.describe(), cluster.describe());
     assert_eq!(answer["details"]["group"], "shop", "{answer}");
 }
+
+/// With a schedule and `take_on = "standby"`, a group's firing is taken on the standby,
+/// whole (both members, one id, the group named), and the primary, after its grace, finds
+/// the name claimed on its members and skips it: one group snapshot per firing. (Takes up
+/// to two minutes: one for the firing, one for the grace.)
+#[test]
+fn a_scheduled_group_is_taken_once_on_the_standby() {
+    let _serial = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let keys = Keys::new();
+    let extra = format!("schedule = \"every 1m\"\ntake_on = \"standby\"\n\n{GROUP}");
+    let cluster =
+        Cluster::start(&keys.options(&[("db", "8MiB"), ("files", "8MiB")], Network::Loopback, &extra)).unwrap();
+    let primary = cluster.wait_in_sync("db", Duration::from_secs(60)).unwrap();
+    assert_eq!(cluster.wait_in_sync("files", Duration::from_secs(60)).unwrap(), primary, "{}", cluster.describe());
+    let standby = 1 - primary;
+    let skipped =
+        cluster.wait_event(primary, "snapshot_skipped", |e| e["volume"] == "db", Duration::from_secs(200)).unwrap();
+    let marker = skipped["fields"]["marker"].as_str().unwrap().to_owned();
+    assert!(marker.starts_with("scheduled-"), "{skipped}");
+    let listed = |node: usize| -> Vec<serde_json::Value> {
+        let out = keel(&cluster, node, &["snapshot", "list", "--json"]);
+        assert!(out.status.success(), "{}", out.describe());
+        json(&out)["snapshots"].as_array().cloned().unwrap_or_default()
+    };
+    let on_standby: Vec<serde_json::Value> =
+        listed(standby).into_iter().filter(|s| s["marker"] == marker.as_str()).collect();
+    let mut members: Vec<&str> = on_standby.iter().map(|s| s["volume"].as_str().unwrap()).collect();
+    members.sort_unstable();
+    assert_eq!(members, ["db", "files"], "the standby took {marker} once, both members: {on_standby:?}");
+    assert!(on_standby.iter().all(|s| s["group"] == "shop" && s["id"] == on_standby[0]["id"]), "{on_standby:?}");
+    let on_primary: Vec<serde_json::Value> =
+        listed(primary).into_iter().filter(|s| s["marker"] == marker.as_str()).collect();
+    assert!(on_primary.is_empty(), "the primary took {marker} too: {on_primary:?}");
+}

@@ -306,7 +306,6 @@ impl Journal {
         WriterGuard(self.writer.lock())
     }
 
-    /// [`Journal::append`] with the journal lock already held.
     /// Whether a local record with `payload_len` payload bytes can be appended now without
     /// [`AppendError::Full`]. Exact while the caller holds `guard`: only the writer moves
     /// the segments, and a checkpoint only frees them. A consistency group checks every
@@ -317,6 +316,7 @@ impl Journal {
         w.offset + record_len <= self.segment_bytes || free_slot(w).is_some() || w.slots.len() < self.segment_count_max
     }
 
+    /// [`Journal::append`] with the journal lock already held.
     pub(crate) fn append_locked(
         &self,
         guard: &mut WriterGuard<'_>,

@@ -110,52 +110,67 @@ pub struct UncachedReader {
 impl UncachedReader {
     /// Reads `file` (opened for reading).
     pub fn new(file: File) -> Self {
-        let direct = reopen_direct(&file);
+        let direct = reopen_direct(&file).ok();
         Self { file, direct }
     }
 
-    /// Fills `buf` from `offset`; bytes past the end of the file read as zeros.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if let Some(direct) = self.direct.as_ref().filter(|_| aligned(buf, offset)) {
-            if read_direct(direct, buf, offset)? {
-                return Ok(());
-            }
+    /// Fills all of `buf` from `offset`; [`io::ErrorKind::UnexpectedEof`] when the file
+    /// ends first (it was truncated while being read).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let filled = read_uncached(&self.file, self.direct.as_ref(), buf, offset)?;
+        if filled < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ends at {}, inside the read of {} bytes at {offset}",
+                    offset + filled as u64,
+                    buf.len()
+                ),
+            ));
         }
-        read_cached(&self.file, buf, offset)
+        Ok(())
     }
 }
 
-/// Fills `buf` from `offset` through the page cache; bytes past the end read as zeros.
-pub(crate) fn read_cached(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match file.read_at(buf, offset) {
+/// Reads `buf` from `offset`: through `direct` (an `O_DIRECT` handle on `file`) when the
+/// read is [`aligned`], else, or when the kernel refuses it, through `file`. Returns how
+/// many bytes there were before the end of the file; the rest of `buf` is zeroed.
+pub(crate) fn read_uncached(file: &File, direct: Option<&File>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    if let Some(direct) = direct.filter(|_| aligned(buf, offset)) {
+        if let Some(filled) = read_direct(direct, file, buf, offset)? {
+            return Ok(filled);
+        }
+    }
+    read_cached(file, buf, offset)
+}
+
+/// Reads `buf` from `offset` through the page cache. Returns how many bytes there were
+/// before the end of the file; the rest of `buf` is zeroed.
+pub(crate) fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut filled = 0usize;
+    while let Some(rest) = buf.get_mut(filled..).filter(|rest| !rest.is_empty()) {
+        match file.read_at(rest, offset + filled as u64) {
             Ok(0) => {
-                buf.fill(0);
-                return Ok(());
+                rest.fill(0);
+                break;
             }
-            Ok(n) => {
-                buf = &mut std::mem::take(&mut buf)[n..];
-                offset += n as u64;
-            }
+            Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(filled)
 }
 
-/// A second, read-only handle on an open file that bypasses the page cache, or `None`
-/// when the filesystem refuses `O_DIRECT`. Reopens through `/proc/self/fd`, so it is the
-/// same inode even if the path was renamed or removed.
-pub(crate) fn reopen_direct(file: &File) -> Option<File> {
+/// A second, read-only handle on an open file that bypasses the page cache. Reopens
+/// through `/proc/self/fd`, so it is the same inode even if the path was renamed or
+/// removed. `EINVAL` means the filesystem refuses `O_DIRECT` (tmpfs before Linux 6.6,
+/// some FUSE filesystems); other errors may pass (out of file descriptors).
+pub(crate) fn reopen_direct(file: &File) -> io::Result<File> {
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(&path) {
-        Ok(direct) => Some(direct),
-        Err(e) => {
-            tracing::debug!("O_DIRECT refused ({e}); bulk reads go through the page cache");
-            None
-        }
-    }
+    OpenOptions::new().read(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(&path).inspect_err(|e| {
+        tracing::debug!("O_DIRECT handle refused ({e}); bulk reads go through the page cache");
+    })
 }
 
 /// Whether a read of `buf` at `offset` meets the direct-read alignment.
@@ -164,33 +179,32 @@ pub(crate) fn aligned(buf: &[u8], offset: u64) -> bool {
     (buf.as_ptr() as usize) % DIRECT_ALIGN == 0 && offset % align == 0 && (buf.len() as u64) % align == 0
 }
 
-/// Fills `buf` from `offset` through `direct` (an `O_DIRECT` handle; `buf` and `offset`
-/// [`aligned`]). Bytes past the end of the file read as zeros. Returns `false`, having
-/// read nothing usable, when the kernel refuses the direct read with `EINVAL` (an
-/// alignment the device needs beyond ours): the caller reads through the cache.
-pub(crate) fn read_direct(direct: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<bool> {
-    while !buf.is_empty() {
-        match direct.read_at(buf, offset) {
+/// Reads `buf` from `offset` through `direct` (an `O_DIRECT` handle; `buf` and `offset`
+/// [`aligned`]). A short read that is not aligned (the end of the file, or a filesystem
+/// that completes part of a direct read) is finished through `cached`, which alone decides
+/// where the file ends. Returns how many bytes there were before the end of the file (the
+/// rest of `buf` is zeroed), or `None`, having read nothing usable, when the kernel
+/// refuses the direct read with `EINVAL` (an alignment the device needs beyond ours).
+fn read_direct(direct: &File, cached: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let mut filled = 0usize;
+    while let Some(rest) = buf.get_mut(filled..).filter(|rest| !rest.is_empty()) {
+        let at = offset + filled as u64;
+        match direct.read_at(rest, at) {
             Ok(0) => {
-                buf.fill(0);
-                return Ok(true);
-            }
-            // A short, unaligned read stops at the end of the file: the rest is past it.
-            Ok(n) if n % DIRECT_ALIGN != 0 => {
-                let (_, rest) = buf.split_at_mut(n);
                 rest.fill(0);
-                return Ok(true);
+                break;
             }
-            Ok(n) => {
-                buf = &mut std::mem::take(&mut buf)[n..];
-                offset += n as u64;
+            Ok(n) if n % DIRECT_ALIGN != 0 => {
+                let tail = rest.get_mut(n..).unwrap_or_default();
+                return Ok(Some(filled + n + read_cached(cached, tail, at + n as u64)?));
             }
+            Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
             Err(e) => return Err(e),
         }
     }
-    Ok(true)
+    Ok(Some(filled))
 }
 
 #[cfg(test)]
@@ -218,20 +232,28 @@ mod tests {
         let data: Vec<u8> = (0..3 * DIRECT_ALIGN + 100).map(|i| (i * 31 % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let file = File::open(&path).unwrap();
-        let Some(direct) = reopen_direct(&file) else {
+        let Ok(direct) = reopen_direct(&file) else {
             eprintln!("skipped: the test directory's filesystem refuses O_DIRECT");
             return;
         };
         let mut buf = AlignedBuf::zeroed(5 * DIRECT_ALIGN);
         buf.fill(0xee);
         assert!(aligned(&buf, 0));
-        assert!(read_direct(&direct, &mut buf, 0).unwrap());
+        assert_eq!(read_direct(&direct, &file, &mut buf, 0).unwrap(), Some(data.len()));
         assert_eq!(&buf[..data.len()], &data[..]);
         assert!(buf[data.len()..].iter().all(|&b| b == 0), "past the end reads as zeros");
         buf.set_len(DIRECT_ALIGN);
-        assert!(read_direct(&direct, &mut buf, DIRECT_ALIGN as u64).unwrap());
+        assert_eq!(read_direct(&direct, &file, &mut buf, DIRECT_ALIGN as u64).unwrap(), Some(DIRECT_ALIGN));
         assert_eq!(&buf[..], &data[DIRECT_ALIGN..2 * DIRECT_ALIGN]);
         assert!(!aligned(&buf[1..], 0));
         assert!(!aligned(&buf, 512));
+        // Unaligned reads go through the cache; an exact read past the end is an error.
+        let reader = UncachedReader::new(File::open(&path).unwrap());
+        let mut odd = vec![0u8; 100];
+        reader.read_exact_at(&mut odd, 3).unwrap();
+        assert_eq!(&odd[..], &data[3..103]);
+        buf.set_len(4 * DIRECT_ALIGN);
+        let err = reader.read_exact_at(&mut buf, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
 }

@@ -122,16 +122,20 @@ impl PosixFile {
         Self { file, direct: OnceLock::new() }
     }
 
-    /// [`Storage::read_uncached`]: direct when aligned and allowed, else cached.
+    /// [`Storage::read_uncached`]: direct when aligned and allowed, else cached. The
+    /// direct handle is opened on first use; a filesystem's refusal (`EINVAL`) is
+    /// remembered, any other failure to open it is tried again next time.
     pub(crate) fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if direct::aligned(buf, offset) {
-            if let Some(handle) = self.direct.get_or_init(|| direct::reopen_direct(&self.file)) {
-                if direct::read_direct(handle, buf, offset)? {
-                    return Ok(());
-                }
-            }
-        }
-        self.read_at(buf, offset)
+        let direct = match self.direct.get() {
+            Some(known) => known.as_ref(),
+            None if direct::aligned(buf, offset) => match direct::reopen_direct(&self.file) {
+                Ok(handle) => self.direct.get_or_init(|| Some(handle)).as_ref(),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct.get_or_init(|| None).as_ref(),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        direct::read_uncached(&self.file, direct, buf, offset).map(|_| ())
     }
 
     pub(crate) fn raw_fd(&self) -> i32 {
@@ -201,7 +205,7 @@ fn to_off(value: u64) -> io::Result<i64> {
 
 impl Storage for PosixFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        direct::read_cached(&self.file, buf, offset)
+        direct::read_cached(&self.file, buf, offset).map(|_| ())
     }
 
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

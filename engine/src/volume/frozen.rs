@@ -310,6 +310,14 @@ impl Frozen {
             let to = ((region + 1) * region_bytes).min(end);
             let Some(piece) = buf.get_mut((from - offset) as usize..(to - offset) as usize) else { break };
             let _stripe = core.stripe(region).lock();
+            // Released while we read (a caller reading what it gave up): its bytes may
+            // have changed, and its copy may be gone.
+            if core.released.get(region) {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {:?}: snapshot {:?}: region {region} was released while it was read",
+                    set.volume, core.name
+                )));
+            }
             if !core.copied.get(region) {
                 continue;
             }
