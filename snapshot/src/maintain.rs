@@ -718,61 +718,82 @@ mod tests {
     #[test]
     fn gc_never_loses_a_referenced_chunk() {
         for seed in 0..12u64 {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let dir = tempfile::tempdir().unwrap();
-            let key = TenantKey::from_bytes([seed as u8; 32]);
-            let vault = LocalVault::open_deferred("v", dir.path(), "t").unwrap();
-            let mut data = vec![0u8; 32 * CHUNK];
-            let mut live: Vec<(String, Vec<u8>)> = Vec::new();
-            let mut last_taken: Option<String> = None;
-            for _step in 0..25 {
-                match rng.gen_range(0..10) {
-                    0..=4 => {
-                        let mut changed = Vec::new();
-                        for _ in 0..rng.gen_range(1..6) {
-                            let c = rng.gen_range(0..32);
-                            let v = if rng.gen_bool(0.2) { 0 } else { rng.gen_range(1..6u8) };
-                            data[c * CHUNK..(c + 1) * CHUNK].fill(v);
-                            changed.push(c as u64);
-                        }
-                        changed.sort_unstable();
-                        changed.dedup();
-                        // Incremental from the last snapshot taken, if it was not forgotten.
-                        let parent = last_taken
-                            .as_ref()
-                            .filter(|k| live.iter().any(|(l, _)| l == *k))
-                            .map(|k| read_manifest(&vault, k, Some(&key)).unwrap());
-                        let k = take(&key, &vault, "db", &data, parent.as_ref().map(|p| (p, changed)));
-                        last_taken = Some(k.clone());
-                        live.push((k, data.clone()));
+            gc_interleaving(seed, 1);
+        }
+    }
+
+    /// The same with two stores open on one repo, as the daemon and a `keel snapshot gc`
+    /// (or `create`) process have it: each step runs in a store picked at random, so a
+    /// store's memory of which chunks exist goes stale under the other's removals and
+    /// reclaims (the generation file and the re-read index logs must catch that).
+    #[test]
+    fn gc_never_loses_a_referenced_chunk_across_two_stores() {
+        for seed in 100..112u64 {
+            gc_interleaving(seed, 2);
+        }
+    }
+
+    fn gc_interleaving(seed: u64, stores: usize) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([seed as u8; 32]);
+        let vaults: Vec<LocalVault> =
+            (0..stores).map(|_| LocalVault::open_deferred("v", dir.path(), "t").unwrap()).collect();
+        let pick = |rng: &mut rand::rngs::StdRng| &vaults[rng.gen_range(0..vaults.len())];
+        let mut data = vec![0u8; 32 * CHUNK];
+        let mut live: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut last_taken: Option<String> = None;
+        for step in 0..25 {
+            let vault = pick(&mut rng);
+            match rng.gen_range(0..10) {
+                0..=4 => {
+                    let mut changed = Vec::new();
+                    for _ in 0..rng.gen_range(1..6) {
+                        let c = rng.gen_range(0..32);
+                        let v = if rng.gen_bool(0.2) { 0 } else { rng.gen_range(1..6u8) };
+                        data[c * CHUNK..(c + 1) * CHUNK].fill(v);
+                        changed.push(c as u64);
                     }
-                    5..=6 if !live.is_empty() => {
-                        let (k, _) = live.remove(rng.gen_range(0..live.len()));
-                        assert!(forget(&vault, &k).unwrap());
-                    }
-                    _ => {
-                        let options = GcOptions {
-                            holder: "n".into(),
-                            dry_run: rng.gen_bool(0.2),
-                            max_deletes: rng.gen_bool(0.5).then(|| rng.gen_range(1..4)),
-                        };
-                        gc(&vault, &options, &|_| {}).unwrap();
-                    }
+                    changed.sort_unstable();
+                    changed.dedup();
+                    // Incremental from the last snapshot taken, if it was not forgotten.
+                    let parent = last_taken
+                        .as_ref()
+                        .filter(|k| live.iter().any(|(l, _)| l == *k))
+                        .map(|k| read_manifest(vault, k, Some(&key)).unwrap());
+                    let k = take(&key, vault, "db", &data, parent.as_ref().map(|p| (p, changed)));
+                    last_taken = Some(k.clone());
+                    live.push((k, data.clone()));
                 }
-                for (k, expected) in &live {
-                    assert!(image(&vault, &key, k) == *expected, "seed {seed}: {k} damaged");
+                5..=6 if !live.is_empty() => {
+                    let (k, _) = live.remove(rng.gen_range(0..live.len()));
+                    assert!(forget(vault, &k).unwrap());
+                }
+                _ => {
+                    let options = GcOptions {
+                        holder: "n".into(),
+                        dry_run: rng.gen_bool(0.2),
+                        max_deletes: rng.gen_bool(0.5).then(|| rng.gen_range(1..4)),
+                    };
+                    gc(vault, &options, &|_| {}).unwrap();
                 }
             }
-            // A complete GC (resuming any interrupted one, then a fresh pass) leaves only
-            // referenced chunks.
-            let all = GcOptions { holder: "n".into(), dry_run: false, max_deletes: None };
-            gc(&vault, &all, &|_| {}).unwrap();
-            let report = gc(&vault, &all, &|_| {}).unwrap();
-            assert_eq!(report.deleted, 0);
-            let mut referenced = HashSet::new();
-            for (k, _) in &live {
-                referenced.extend(distinct_chunks(&read_manifest(&vault, k, Some(&key)).unwrap()));
+            for (k, expected) in &live {
+                let reader = pick(&mut rng);
+                assert!(image(reader, &key, k) == *expected, "seed {seed}, step {step}: {k} damaged");
             }
+        }
+        // A complete GC (resuming any interrupted one, then a fresh pass) leaves only
+        // referenced chunks, as every store sees it.
+        let all = GcOptions { holder: "n".into(), dry_run: false, max_deletes: None };
+        gc(pick(&mut rng), &all, &|_| {}).unwrap();
+        let report = gc(pick(&mut rng), &all, &|_| {}).unwrap();
+        assert_eq!(report.deleted, 0);
+        let mut referenced = HashSet::new();
+        for (k, _) in &live {
+            referenced.extend(distinct_chunks(&read_manifest(&vaults[0], k, Some(&key)).unwrap()));
+        }
+        for vault in &vaults {
             let stored = vault.list_chunks(None, usize::MAX).unwrap();
             assert_eq!(stored.len(), referenced.len(), "seed {seed}");
         }
