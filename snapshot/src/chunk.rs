@@ -11,6 +11,7 @@ use std::mem::size_of;
 
 use crate::error::ChunkError;
 use crate::key::{ChunkId, TenantKey, TAG_LEN, XNONCE_LEN as NONCE_LEN};
+use crate::layout::{self, Writer};
 
 /// The largest plaintext a chunk may hold (16 MiB). Decoding refuses larger `plaintext_len`
 /// values before allocating, so a corrupt header cannot make us allocate more than this.
@@ -125,22 +126,9 @@ impl Header {
     }
 }
 
-/// Sequential writer over a fixed buffer; only used with lengths checked by const asserts.
-struct Writer<'a>(&'a mut [u8]);
-
-impl Writer<'_> {
-    fn put(&mut self, bytes: &[u8]) {
-        let (head, tail) = std::mem::take(&mut self.0).split_at_mut(bytes.len());
-        head.copy_from_slice(bytes);
-        self.0 = tail;
-    }
-}
-
 /// Takes `N` bytes off the front of `r`; total (never panics).
 fn take<const N: usize>(r: &mut &[u8]) -> Result<[u8; N], ChunkError> {
-    let (head, tail) = r.split_first_chunk::<N>().ok_or(ChunkError::Corruption { what: "header too short" })?;
-    *r = tail;
-    Ok(*head)
+    layout::take(r).ok_or(ChunkError::Corruption { what: "header too short" })
 }
 
 /// The associated data the AEAD authenticates: the whole header, then the chunk id. Binding

@@ -34,6 +34,7 @@ mod durable;
 mod error;
 mod key;
 pub mod keyfile;
+mod layout;
 pub mod lease;
 pub mod maintain;
 pub mod manifest;

@@ -11,6 +11,7 @@ use std::mem::size_of;
 
 use crate::chunk::{MAX_CHUNK_LEN, OVERHEAD};
 use crate::key::ChunkId;
+use crate::layout::{self, Writer};
 
 /// First four bytes of a pack file.
 pub(super) const PACK_MAGIC: [u8; 4] = *b"KPAK";
@@ -287,17 +288,6 @@ pub(super) fn scan(bytes: &[u8], start: u64) -> Scan {
     out
 }
 
-/// Sequential writer over a fixed buffer; only used with lengths checked by const asserts.
-struct Writer<'a>(&'a mut [u8]);
-
-impl Writer<'_> {
-    fn put(&mut self, bytes: &[u8]) {
-        let (head, tail) = std::mem::take(&mut self.0).split_at_mut(bytes.len());
-        head.copy_from_slice(bytes);
-        self.0 = tail;
-    }
-}
-
 /// Fills the last four bytes of `buf` with the crc32 of the bytes before them.
 fn seal_crc(buf: &mut [u8]) {
     if let Some((covered, crc)) = buf.split_last_chunk_mut::<CRC_LEN>() {
@@ -307,7 +297,5 @@ fn seal_crc(buf: &mut [u8]) {
 
 /// Takes `N` bytes off the front of `r`; total (never panics).
 fn take<const N: usize>(r: &mut &[u8]) -> Result<[u8; N], String> {
-    let (head, tail) = r.split_first_chunk::<N>().ok_or("too short")?;
-    *r = tail;
-    Ok(*head)
+    layout::take(r).ok_or_else(|| "too short".to_owned())
 }
