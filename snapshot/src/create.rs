@@ -520,7 +520,10 @@ fn read_batch(
         let (run_indices, after) = rest.split_at(run);
         let bytes: u64 = run_indices.iter().map(|&i| len(i)).sum();
         let offset = first * chunk_size;
-        let Some(piece) = buf.get_mut(at..at + bytes as usize) else { break };
+        // A batch fits its buffer by construction; never seal stale bytes if it did not.
+        let piece = buf
+            .get_mut(at..at + bytes as usize)
+            .ok_or_else(|| (offset, format!("a batch of {total} bytes does not fit its buffer")))?;
         source.read_at(offset, piece).map_err(|reason| (offset, reason))?;
         source.release(offset, bytes);
         at += bytes as usize;

@@ -478,48 +478,36 @@ impl ShipQueue {
         })
     }
 
-    pub(crate) fn push_sync(&self, upto_seq: u64) {
+    /// Queues an item that is not a record (no room is waited for: these are few and
+    /// small), behind everything queued so far; dropped once the queue is closed.
+    fn push_unbounded(&self, item: Shipment) {
         let mut inner = self.inner.lock();
         if inner.closed {
             return;
         }
-        inner.items.push_back(Shipment::Sync(SyncRequestMsg { epoch: self.epoch, upto_seq }));
+        inner.items.push_back(item);
         drop(inner);
         self.ready.notify_one();
     }
 
+    pub(crate) fn push_sync(&self, upto_seq: u64) {
+        self.push_unbounded(Shipment::Sync(SyncRequestMsg { epoch: self.epoch, upto_seq }));
+    }
+
     pub(crate) fn push_control(&self, control: super::proto::Control) {
-        let mut inner = self.inner.lock();
-        if inner.closed {
-            return;
-        }
-        inner.items.push_back(Shipment::Control(control));
-        drop(inner);
-        self.ready.notify_one();
+        self.push_unbounded(Shipment::Control(control));
     }
 
     /// Queues the answer to a standby's marker request, behind every record appended so
     /// far (the marker's among them).
     pub(crate) fn push_mark_reply(&self, reply: MarkReplyMsg) {
-        let mut inner = self.inner.lock();
-        if inner.closed {
-            return;
-        }
-        inner.items.push_back(Shipment::MarkReply(reply));
-        drop(inner);
-        self.ready.notify_one();
+        self.push_unbounded(Shipment::MarkReply(reply));
     }
 
     /// Queues the answer to a standby's group marker request, behind every record
     /// appended so far (the lead member's marker among them).
     pub(crate) fn push_group_mark_reply(&self, reply: MarkGroupReplyMsg) {
-        let mut inner = self.inner.lock();
-        if inner.closed {
-            return;
-        }
-        inner.items.push_back(Shipment::MarkGroupReply(reply));
-        drop(inner);
-        self.ready.notify_one();
+        self.push_unbounded(Shipment::MarkGroupReply(reply));
     }
 
     /// Takes up to `max_items` queued items; waits while the queue is empty. `None` once
