@@ -54,6 +54,8 @@ pub mod events;
 mod nbd;
 pub mod quic;
 pub mod repl;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use error::Error;
 /// Fuzzing entry points (feature `fuzzing`, for tests/fuzz only): not a stable API.

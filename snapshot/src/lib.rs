@@ -42,6 +42,7 @@ pub mod restore;
 mod retention;
 mod schedule;
 mod store;
+mod tz;
 pub mod vault;
 
 pub use chunk::{
@@ -51,7 +52,6 @@ pub use chunk::{
 pub use error::{ChunkError, ManifestError, StoreError};
 pub use key::{ChunkId, ParseChunkIdError, TenantKey, KEY_LEN};
 pub use retention::{Decision, Keep, Period, RetentionConfig, RetentionError, RetentionPolicy, SnapshotInfo};
-pub use schedule::{
-    Date, IsoWeek, LocalDateTime, Schedule, ScheduleError, TimeZone, TimeZoneError, MAX_TZIF_BYTES, ZONEINFO_DIR,
-};
+pub use schedule::{Schedule, ScheduleError};
 pub use store::{ChunkLocation, LocalChunkStore, PutOutcome, ReclaimReport, StoreStats, StoredChunk};
+pub use tz::{Date, IsoWeek, LocalDateTime, TimeZone, TimeZoneError, MAX_TZIF_BYTES, ZONEINFO_DIR};

@@ -6,12 +6,25 @@
 //! so what is written is bit-exact or the restore fails naming the chunk. A chunk that is
 //! missing or corrupt in the first vault is fetched from the next one that holds it
 //! (and reported, so `verify` can heal the bad copy).
+//!
+//! A restore thread takes a batch of consecutive chunks (1 MiB, or one larger chunk),
+//! copies the decoded data chunks into an aligned buffer and hands each run of adjacent
+//! data chunks to the target as one write; a run of holes is one [`Target::zero`] (or
+//! nothing, when the target reads as zeros already). [`FileTarget`] writes those runs past
+//! the page cache (`O_DIRECT`), so a restore neither pays for nor evicts cache pages.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
 
-use crate::chunk::decode_chunk;
+use keel_engine::{AlignedBuf, DIRECT_ALIGN};
+
+use crate::chunk::{decode_chunk, MAX_CHUNK_LEN};
 use crate::create::Progress;
 use crate::error::ChunkError;
 use crate::key::{ChunkId, TenantKey};
@@ -20,7 +33,8 @@ use crate::vault::{Vault, VaultError};
 
 /// Where a restore writes.
 pub trait Target: Sync {
-    /// Writes `data` at `offset`.
+    /// Writes `data` at `offset`. [`restore`] passes a run of adjacent chunks (up to 1 MiB,
+    /// or one larger chunk) in a buffer aligned to [`DIRECT_ALIGN`].
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String>;
     /// Makes `[offset, offset+len)` read as zeros. Not called when the target was created
     /// empty ([`RestoreOptions::target_is_zeroed`]).
@@ -132,6 +146,15 @@ pub fn fetch_chunk(
     Err(errors)
 }
 
+/// A restore thread's batch: this many bytes of consecutive chunks (at least one chunk).
+/// Adjacent data chunks in it reach the target as one write. Direct writes wait for the
+/// disk one at a time (ext4 takes the inode lock exclusively for a direct write that
+/// allocates blocks, as every write into a new sparse file does: `fio` with two jobs of
+/// 64 KiB writes got 858 MB/s, the same as one), so the request size sets the speed: `dd
+/// oflag=direct` into a sparse file on this VM wrote 858 MB/s in 64 KiB requests, 1.1 GB/s
+/// in 256 KiB ones and 1.5 to 2.2 GB/s in 1 MiB ones; 4 MiB were no faster.
+const BATCH_BYTES: u64 = 1 << 20;
+
 /// Restores `manifest` into `target` (random-access), fetching chunks in parallel.
 pub fn restore(
     key: &TenantKey,
@@ -143,6 +166,12 @@ pub fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let snapshot = manifest.snapshot_id().to_owned();
     let count = manifest.chunk_count();
+    let chunk_size = u64::from(manifest.chunk_size()).max(1);
+    let per_batch = (BATCH_BYTES / chunk_size).max(1) as usize;
+    let batches = count.div_ceil(per_batch);
+    // A chunk decodes to at most MAX_CHUNK_LEN bytes (a bigger `chunk_size` in a manifest
+    // only makes every data chunk fail its length check), so this holds any batch's run.
+    let capacity = (per_batch as u64 * chunk_size).min(MAX_CHUNK_LEN.max(BATCH_BYTES as usize) as u64) as usize;
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let cancel = AtomicBool::new(false);
@@ -152,53 +181,31 @@ pub fn restore(
     std::thread::scope(|scope| {
         for _ in 0..options.threads.max(1) {
             scope.spawn(|| {
+                let mut run = Run::new(target, &snapshot, !options.target_is_zeroed, capacity);
+                let mut mine = RestoreReport::default();
                 while !cancel.load(Ordering::Acquire) {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= count {
-                        return;
+                    let batch = next.fetch_add(1, Ordering::Relaxed);
+                    if batch >= batches {
+                        break;
                     }
-                    let (offset, len) = manifest.chunk_range(index);
-                    let result = match manifest.chunk(index) {
-                        Some(ChunkRef::Data(id)) => {
-                            fetch_checked(key, vaults, &id, &snapshot, index, len).and_then(|(plain, fallback)| {
-                                target
-                                    .write_at(offset, &plain)
-                                    .map(|()| {
-                                        let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
-                                        r.chunks_written += 1;
-                                        r.bytes_written += len;
-                                        if let Some(errors) = fallback {
-                                            r.fallbacks.push((id, errors));
-                                        }
-                                    })
-                                    .map_err(|reason| RestoreError::Write {
-                                        snapshot: snapshot.clone(),
-                                        offset,
-                                        reason,
-                                    })
-                            })
+                    let indices = batch * per_batch..((batch + 1) * per_batch).min(count);
+                    match restore_batch(key, vaults, manifest, indices, &mut run, &mut mine) {
+                        Ok(bytes) => {
+                            let d = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                            progress(Progress { done: d, total });
                         }
-                        _ => {
-                            report.lock().unwrap_or_else(|p| p.into_inner()).holes += 1;
-                            if options.target_is_zeroed {
-                                Ok(())
-                            } else {
-                                target.zero(offset, len).map_err(|reason| RestoreError::Write {
-                                    snapshot: snapshot.clone(),
-                                    offset,
-                                    reason,
-                                })
-                            }
+                        Err(e) => {
+                            cancel.store(true, Ordering::Release);
+                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            return;
                         }
-                    };
-                    if let Err(e) = result {
-                        cancel.store(true, Ordering::Release);
-                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                        return;
                     }
-                    let d = done.fetch_add(len, Ordering::Relaxed) + len;
-                    progress(Progress { done: d, total });
                 }
+                let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+                r.chunks_written += mine.chunks_written;
+                r.holes += mine.holes;
+                r.bytes_written += mine.bytes_written;
+                r.fallbacks.append(&mut mine.fallbacks);
             });
         }
     });
@@ -207,6 +214,129 @@ pub fn restore(
     }
     target.sync().map_err(|reason| RestoreError::Write { snapshot: snapshot.clone(), offset: 0, reason })?;
     Ok(report.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Restores the chunks `indices` (consecutive) through `run`, counting them in `report`.
+/// Returns their bytes in the volume.
+fn restore_batch(
+    key: &TenantKey,
+    vaults: &[&dyn Vault],
+    manifest: &Manifest,
+    indices: Range<usize>,
+    run: &mut Run<'_>,
+    report: &mut RestoreReport,
+) -> Result<u64, RestoreError> {
+    let mut bytes = 0;
+    for index in indices {
+        let (offset, len) = manifest.chunk_range(index);
+        match manifest.chunk(index) {
+            Some(ChunkRef::Data(id)) => {
+                let (plain, fallback) = fetch_checked(key, vaults, &id, run.snapshot, index, len)?;
+                run.push_data(offset, &plain)?;
+                report.chunks_written += 1;
+                report.bytes_written += len;
+                if let Some(errors) = fallback {
+                    report.fallbacks.push((id, errors));
+                }
+            }
+            _ => {
+                report.holes += 1;
+                run.push_hole(offset, len)?;
+            }
+        }
+        bytes += len;
+    }
+    run.flush()?;
+    Ok(bytes)
+}
+
+/// A restore thread's pending run of adjacent chunks, written as one request when the next
+/// chunk does not continue it or the batch ends: data chunks gathered in an aligned buffer
+/// (so that [`FileTarget`] can write it past the page cache), or holes to zero.
+///
+/// # Invariants
+/// At most one kind is pending: `buf` is empty or `hole_bytes` is 0.
+struct Run<'a> {
+    target: &'a dyn Target,
+    /// For errors.
+    snapshot: &'a str,
+    /// Holes are written ([`Target::zero`]); otherwise skipped.
+    zero_holes: bool,
+    /// Where the pending run starts in the volume.
+    offset: u64,
+    /// The pending data run, `DIRECT_ALIGN`-aligned; its capacity is a batch's bytes.
+    buf: AlignedBuf,
+    /// The pending run of holes' length.
+    hole_bytes: u64,
+}
+
+impl<'a> Run<'a> {
+    fn new(target: &'a dyn Target, snapshot: &'a str, zero_holes: bool, capacity: usize) -> Self {
+        let mut buf = AlignedBuf::zeroed(capacity);
+        buf.set_len(0);
+        Self { target, snapshot, zero_holes, offset: 0, buf, hole_bytes: 0 }
+    }
+
+    /// Where the pending run ends.
+    fn end(&self) -> u64 {
+        self.offset + self.buf.len() as u64 + self.hole_bytes
+    }
+
+    /// Adds the data chunk `plain` at `offset`.
+    fn push_data(&mut self, offset: u64, plain: &[u8]) -> Result<(), RestoreError> {
+        if self.hole_bytes > 0 || offset != self.end() || self.buf.len() + plain.len() > self.buf.capacity() {
+            self.flush()?;
+        }
+        if self.buf.is_empty() {
+            self.offset = offset;
+        }
+        let filled = self.buf.len();
+        if filled + plain.len() > self.buf.capacity() {
+            // Only a chunk longer than a batch's bytes, which decoding never returns; written
+            // as it is (through the page cache) rather than trusted to fit.
+            return self.write_error(offset, self.target.write_at(offset, plain));
+        }
+        self.buf.set_len(filled + plain.len());
+        self.buf[filled..].copy_from_slice(plain);
+        debug_assert_eq!(self.hole_bytes, 0);
+        Ok(())
+    }
+
+    /// Adds a hole of `len` bytes at `offset`.
+    fn push_hole(&mut self, offset: u64, len: u64) -> Result<(), RestoreError> {
+        if !self.zero_holes {
+            // The target reads as zeros already. The gap ends the data run: the next data
+            // chunk does not continue it.
+            return Ok(());
+        }
+        if !self.buf.is_empty() || offset != self.end() {
+            self.flush()?;
+        }
+        if self.hole_bytes == 0 {
+            self.offset = offset;
+        }
+        self.hole_bytes += len;
+        debug_assert!(self.buf.is_empty());
+        Ok(())
+    }
+
+    /// Writes the pending run, if any.
+    fn flush(&mut self) -> Result<(), RestoreError> {
+        let result = if self.hole_bytes > 0 {
+            self.target.zero(self.offset, self.hole_bytes)
+        } else if !self.buf.is_empty() {
+            self.target.write_at(self.offset, &self.buf)
+        } else {
+            Ok(())
+        };
+        self.buf.set_len(0);
+        self.hole_bytes = 0;
+        self.write_error(self.offset, result)
+    }
+
+    fn write_error(&self, offset: u64, result: Result<(), String>) -> Result<(), RestoreError> {
+        result.map_err(|reason| RestoreError::Write { snapshot: self.snapshot.to_owned(), offset, reason })
+    }
 }
 
 /// The export stream's format.
@@ -352,58 +482,205 @@ fn export_ordered(
     Ok(report)
 }
 
-/// A [`Target`] over a file or block device written with positional writes.
+/// A [`Target`] over a file or block device written with positional writes: past the page
+/// cache (`O_DIRECT`, through a second handle on the same inode) where the write allows,
+/// through the cache otherwise.
+///
+/// On this VM a fresh page-cache page is expensive and its price varies from run to run:
+/// one restore of an 8 GiB image through the cache took 3.7 CPU-seconds, the next 6.9 and
+/// half again as long (docs/benchmarks.md). A direct write needs its buffer's address, its
+/// offset and its length aligned to [`DIRECT_ALIGN`]; [`restore`] hands over runs that
+/// start aligned in an aligned buffer. Whole pages go direct; what is left goes through
+/// the cache: the partial last page of a volume whose size is not a multiple of
+/// [`DIRECT_ALIGN`], or every byte of an unaligned write (a chunk size that is not a
+/// multiple of it). A filesystem that refuses `O_DIRECT` (`EINVAL` when the handle is
+/// opened, or on a direct write: tmpfs before Linux 6.6, some FUSE filesystems) gets every
+/// write through the cache from then on. Any other error is the restore's error.
+///
+/// # Coherence of the two handles
+/// A cached page is never written back over direct data, for these reasons:
+/// - Within a restore each byte is written once, and a direct write covers whole pages, so
+///   a page that a direct write touches holds no byte of any cached write of the same
+///   restore: no page ever gets both. The cached write of a partial last page reads the
+///   rest of the page first (beyond the volume: the device's own bytes, left as they were,
+///   which is why that page is not rounded up and written direct).
+/// - Pages cached before a direct write (an earlier buffered writer or reader of the
+///   device): the kernel writes back the dirty pages of the range and drops the range's
+///   pages from the cache before the direct write, and drops them again after it
+///   (`kiocb_invalidate_pages`, `kiocb_invalidate_post_direct_write`), so nothing older
+///   can be written back or read over it later.
+/// - A cached write after a direct write to the same page (the rest of the restore, once
+///   the filesystem refused a direct write) reads the page from the disk, where the direct
+///   write has landed (it completed before returning), and its writeback writes the newer
+///   bytes.
+///
+/// [`Target::sync`] is one fsync of the inode, which covers both handles: the cached
+/// pages, the metadata that direct writes changed (allocated blocks, ext4's conversion of
+/// unwritten extents) and the device's write cache.
 #[derive(Debug)]
 pub struct FileTarget {
-    file: std::fs::File,
-    path: std::path::PathBuf,
+    /// The cached handle: unaligned writes, every write once `O_DIRECT` was refused, fsync.
+    file: File,
+    /// A second handle on the same inode, opened with `O_DIRECT`; `None` when the
+    /// filesystem refused it.
+    direct: Option<File>,
+    /// The filesystem refused a direct write (`EINVAL`): the rest goes through the cache.
+    direct_refused: AtomicBool,
+    /// Bytes written through `direct`.
+    direct_bytes: AtomicU64,
+    /// Aligned zeros for [`Target::zero`], allocated on first use.
+    zeros: OnceLock<AlignedBuf>,
+    path: PathBuf,
+    /// Test-only failure injection: the next direct write fails with this errno (0: none).
+    #[cfg(test)]
+    fail_next_direct_write: std::sync::atomic::AtomicI32,
 }
 
 impl FileTarget {
     /// Creates (or truncates) a regular file of `size` bytes that reads as zeros (sparse);
     /// restore with `target_is_zeroed`.
-    pub fn create_sparse(path: &std::path::Path, size: u64) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    pub fn create_sparse(path: &Path, size: u64) -> io::Result<Self> {
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
         file.set_len(size)?;
-        Ok(FileTarget { file, path: path.to_owned() })
+        Self::new(file, path)
     }
 
     /// Opens an existing file or block device for writing, which must hold at least `size`
-    /// bytes; holes are written as zeros (punched where the target supports it).
-    pub fn open_existing(path: &std::path::Path, size: u64) -> std::io::Result<Self> {
+    /// bytes; holes are written as zeros.
+    pub fn open_existing(path: &Path, size: u64) -> io::Result<Self> {
         use std::io::{Seek, SeekFrom};
-        let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+        let mut file = OpenOptions::new().write(true).open(path)?;
         let have = file.seek(SeekFrom::End(0))?;
         if have < size {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
                 format!("{} holds {have} bytes, the snapshot needs {size}", path.display()),
             ));
         }
-        Ok(FileTarget { file, path: path.to_owned() })
+        Self::new(file, path)
+    }
+
+    /// Bytes written past the page cache so far (the rest went through it).
+    pub fn bytes_written_direct(&self) -> u64 {
+        self.direct_bytes.load(Ordering::Relaxed)
+    }
+
+    fn new(file: File, path: &Path) -> io::Result<Self> {
+        let direct = direct_unless_refused(reopen_direct(&file)).map_err(|e| {
+            io::Error::new(e.kind(), format!("reopen {} with O_DIRECT through /proc/self/fd: {e}", path.display()))
+        })?;
+        Ok(FileTarget {
+            file,
+            direct,
+            direct_refused: AtomicBool::new(false),
+            direct_bytes: AtomicU64::new(0),
+            zeros: OnceLock::new(),
+            path: path.to_owned(),
+            #[cfg(test)]
+            fail_next_direct_write: std::sync::atomic::AtomicI32::new(0),
+        })
+    }
+
+    /// Writes all of `data` at `offset`: its whole pages through the direct handle when
+    /// `data` and `offset` start aligned and direct writes are allowed, the rest through
+    /// the cache.
+    fn write_uncached(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let direct = self.direct.as_ref().filter(|_| !self.direct_refused.load(Ordering::Relaxed));
+        let written = match direct {
+            Some(direct) if starts_aligned(data, offset) => {
+                let pages = data.len() - data.len() % DIRECT_ALIGN;
+                self.write_direct(direct, data.get(..pages).unwrap_or_default(), offset)?
+            }
+            _ => 0,
+        };
+        self.file.write_all_at(data.get(written..).unwrap_or_default(), offset + written as u64)
+    }
+
+    /// Writes `pages` (a multiple of [`DIRECT_ALIGN`], aligned, at an aligned `offset`)
+    /// through `direct`. Returns how many bytes it wrote, for the caller to write the rest
+    /// through the cache: all of them; or fewer when the kernel completed a part that ends
+    /// inside a page, or refused the write with `EINVAL` (latched: every later write goes
+    /// through the cache).
+    fn write_direct(&self, direct: &File, pages: &[u8], offset: u64) -> io::Result<usize> {
+        let mut written = 0usize;
+        while let Some(rest) = pages.get(written..).filter(|rest| !rest.is_empty()) {
+            match self.pwrite_direct(direct, rest, offset + written as u64) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "a direct write wrote nothing")),
+                Ok(n) if n % DIRECT_ALIGN != 0 => {
+                    written += n;
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_refused.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.direct_bytes.fetch_add(written as u64, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    fn pwrite_direct(&self, direct: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
+        #[cfg(test)]
+        if let errno @ 1.. = self.fail_next_direct_write.swap(0, Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        direct.write_at(buf, offset)
     }
 }
 
 impl Target for FileTarget {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        use std::os::unix::fs::FileExt;
-        self.file.write_all_at(data, offset).map_err(|e| format!("{}: {e}", self.path.display()))
+        self.write_uncached(data, offset).map_err(|e| format!("{}: {e}", self.path.display()))
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<(), String> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let zeros = self.zeros.get_or_init(|| AlignedBuf::zeroed(ZEROS_BYTES));
+        let end = offset + len;
         let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            self.write_at(at, &zeros[..n])?;
+        while at < end {
+            let n = (end - at).min(ZEROS_BYTES as u64) as usize;
+            self.write_at(at, zeros.get(..n).unwrap_or_default())?;
             at += n as u64;
         }
         Ok(())
     }
 
     fn sync(&self) -> Result<(), String> {
+        // fsync is per inode: this covers the direct handle's writes too.
         self.file.sync_all().map_err(|e| format!("fsync {}: {e}", self.path.display()))
     }
+}
+
+/// The largest write [`FileTarget::zero`] makes (a batch's bytes).
+const ZEROS_BYTES: usize = BATCH_BYTES as usize;
+
+/// A second, write-only handle on an open file or block device that bypasses the page
+/// cache. Reopens through `/proc/self/fd`, so it is the same inode even if the path was
+/// renamed or replaced in between.
+fn reopen_direct(file: &File) -> io::Result<File> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path)
+}
+
+/// The direct handle, or `None` when the filesystem refuses `O_DIRECT` (`EINVAL` at open:
+/// no direct I/O in tmpfs before Linux 6.6, some FUSE filesystems). Any other failure (out
+/// of file descriptors, no `/proc`) is an error, not a reason to go through the cache.
+fn direct_unless_refused(opened: io::Result<File>) -> io::Result<Option<File>> {
+    match opened {
+        Ok(direct) => Ok(Some(direct)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a write of `data` at `offset` starts where a direct write can: address and
+/// offset aligned to [`DIRECT_ALIGN`] (the length is cut to whole pages by the caller).
+fn starts_aligned(data: &[u8], offset: u64) -> bool {
+    (data.as_ptr() as usize) % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0
 }
 
 #[cfg(test)]
@@ -469,6 +746,217 @@ mod tests {
         export(&key, &[&vault], &manifest, &mut zst, ExportFormat::RawZst { level: 3 }, 2, &|_| {}).unwrap();
         assert!(zst.len() < data.len() / 2);
         assert!(zstd::stream::decode_all(&zst[..]).unwrap() == data);
+    }
+
+    /// Chunk size of [`snapshot`].
+    const CHUNK: u64 = 16 * 1024;
+    /// Neither a multiple of the chunk size nor of `DIRECT_ALIGN`: the last chunk is one
+    /// whole page and 2258 bytes.
+    const ODD_SIZE: u64 = 193 * CHUNK + DIRECT_ALIGN as u64 + 2258;
+
+    /// An image of [`ODD_SIZE`] bytes: data (no zero byte) except for the chunks 92 to 145,
+    /// which are holes; the data runs into the last byte. With 64 chunks to a batch, the
+    /// runs a restore writes are chunks 0-63, 64-91, 146-191 and 192-193, and the holes
+    /// 92-127 and 128-145.
+    fn odd_image(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+        assert_eq!(BATCH_BYTES / CHUNK, 64);
+        assert_ne!(ODD_SIZE % DIRECT_ALIGN as u64, 0);
+        let holes = 92 * CHUNK as usize..146 * CHUNK as usize;
+        let data: Vec<u8> =
+            (0..ODD_SIZE as usize).map(|i| if holes.contains(&i) { 0 } else { (i * 31 % 251) as u8 | 1 }).collect();
+        let path = dir.join("odd.raw");
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    }
+
+    /// Whether the directory's filesystem takes `O_DIRECT` (tmpfs before Linux 6.6 does not).
+    fn takes_direct_io(dir: &std::path::Path) -> bool {
+        let probe = FileTarget::create_sparse(&dir.join("probe"), 0).unwrap();
+        probe.direct.is_some()
+    }
+
+    /// Whole pages go direct and the partial last page through the cache, in a new sparse
+    /// file and over an existing, longer one whose bytes past the volume must survive.
+    #[test]
+    fn restore_writes_whole_pages_direct_and_the_tail_through_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_io = takes_direct_io(dir.path());
+        if !direct_io {
+            eprintln!("the test directory's filesystem refuses O_DIRECT: only the bytes are checked");
+        }
+        let (path, data) = odd_image(dir.path());
+        let vault = LocalVault::open("local", dir.path().join("vault"), "t").unwrap();
+        let key = TenantKey::from_bytes([4; 32]);
+        let manifest = snapshot(&vault, &key, &path);
+        assert_eq!(manifest.volume_size(), ODD_SIZE);
+        let tail = ODD_SIZE % DIRECT_ALIGN as u64;
+
+        // A new sparse file: holes skipped, every data page direct but the partial last one.
+        let out = dir.path().join("restored.raw");
+        let target = FileTarget::create_sparse(&out, ODD_SIZE).unwrap();
+        let options = RestoreOptions { threads: 2, target_is_zeroed: true };
+        let report = restore(&key, &[&vault], &manifest, &target, &options, &|_| {}).unwrap();
+        assert_eq!(report.holes, 54);
+        assert_eq!(report.bytes_written, ODD_SIZE - 54 * CHUNK);
+        assert!(std::fs::read(&out).unwrap() == data);
+        if direct_io {
+            assert_eq!(target.bytes_written_direct(), report.bytes_written - tail);
+        }
+        drop(target);
+
+        // Over a longer file of junk: holes are zeroed (direct too), and the bytes past the
+        // volume, in its last page and beyond, stay as they were.
+        let junk = ODD_SIZE as usize + 5000;
+        std::fs::write(&out, vec![0xEE; junk]).unwrap();
+        let target = FileTarget::open_existing(&out, ODD_SIZE).unwrap();
+        let options = RestoreOptions { threads: 2, target_is_zeroed: false };
+        restore(&key, &[&vault], &manifest, &target, &options, &|_| {}).unwrap();
+        let back = std::fs::read(&out).unwrap();
+        assert_eq!(back.len(), junk);
+        assert!(back[..data.len()] == data[..]);
+        assert!(back[data.len()..].iter().all(|&b| b == 0xEE));
+        if direct_io {
+            assert_eq!(target.bytes_written_direct(), ODD_SIZE - tail);
+        }
+    }
+
+    /// Records what a restore asks of its target.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Mutex<Vec<(u64, u64)>>,
+        zeros: Mutex<Vec<(u64, u64)>>,
+        unaligned: AtomicUsize,
+    }
+
+    impl Target for Recorder {
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+            if data.as_ptr() as usize % DIRECT_ALIGN != 0 {
+                self.unaligned.fetch_add(1, Ordering::Relaxed);
+            }
+            self.writes.lock().unwrap().push((offset, data.len() as u64));
+            Ok(())
+        }
+
+        fn zero(&self, offset: u64, len: u64) -> Result<(), String> {
+            self.zeros.lock().unwrap().push((offset, len));
+            Ok(())
+        }
+
+        fn sync(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// One write per 64 KiB chunk made direct writes into a sparse file wait for the disk
+    /// 64 KiB at a time (858 MB/s here, against 1.5 to 2.2 GB/s in 1 MiB requests).
+    #[test]
+    fn restore_writes_each_run_of_adjacent_chunks_in_a_batch_as_one_aligned_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = odd_image(dir.path());
+        let vault = LocalVault::open("local", dir.path().join("vault"), "t").unwrap();
+        let key = TenantKey::from_bytes([4; 32]);
+        let manifest = snapshot(&vault, &key, &path);
+        let runs = |list: &Mutex<Vec<(u64, u64)>>| {
+            let mut list = list.lock().unwrap().clone();
+            list.sort_unstable();
+            list
+        };
+        let data_runs = vec![
+            (0, 64 * CHUNK),
+            (64 * CHUNK, 28 * CHUNK),
+            (146 * CHUNK, 46 * CHUNK),
+            (192 * CHUNK, ODD_SIZE - 192 * CHUNK),
+        ];
+        for target_is_zeroed in [true, false] {
+            let target = Recorder::default();
+            let options = RestoreOptions { threads: 2, target_is_zeroed };
+            restore(&key, &[&vault], &manifest, &target, &options, &|_| {}).unwrap();
+            assert_eq!(runs(&target.writes), data_runs);
+            let hole_runs =
+                if target_is_zeroed { vec![] } else { vec![(92 * CHUNK, 36 * CHUNK), (128 * CHUNK, 18 * CHUNK)] };
+            assert_eq!(runs(&target.zeros), hole_runs);
+            assert_eq!(target.unaligned.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    /// How [`restore_refused`] makes the direct handle fail.
+    enum Refusal {
+        /// As when opening it failed with `EINVAL`: there is none.
+        AtOpen,
+        /// Its next write fails with this errno.
+        NextWrite(i32),
+    }
+
+    /// Restores the odd image on one thread (so the first write is the run at offset 0)
+    /// into a new sparse file whose direct handle fails as `refusal` says. Checks the bytes
+    /// when the restore succeeds.
+    fn restore_refused(refusal: Refusal) -> (FileTarget, Result<RestoreReport, RestoreError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = odd_image(dir.path());
+        let vault = LocalVault::open("local", dir.path().join("vault"), "t").unwrap();
+        let key = TenantKey::from_bytes([4; 32]);
+        let manifest = snapshot(&vault, &key, &path);
+        let out = dir.path().join("restored.raw");
+        let mut target = FileTarget::create_sparse(&out, ODD_SIZE).unwrap();
+        match refusal {
+            Refusal::AtOpen => target.direct = None,
+            Refusal::NextWrite(errno) => target.fail_next_direct_write.store(errno, Ordering::Relaxed),
+        }
+        let options = RestoreOptions { threads: 1, target_is_zeroed: true };
+        let result = restore(&key, &[&vault], &manifest, &target, &options, &|_| {});
+        if result.is_ok() {
+            assert!(std::fs::read(&out).unwrap() == data, "a restore that succeeds is bit-exact");
+        }
+        (target, result)
+    }
+
+    /// Without a direct handle (the filesystem refused `O_DIRECT` at open) every byte goes
+    /// through the cache, the partial last page included.
+    #[test]
+    fn a_filesystem_that_refuses_o_direct_at_open_gets_every_write_through_the_cache() {
+        let (target, result) = restore_refused(Refusal::AtOpen);
+        assert_eq!(result.unwrap().bytes_written, ODD_SIZE - 54 * CHUNK);
+        assert_eq!(target.bytes_written_direct(), 0);
+    }
+
+    /// `EINVAL` on a direct write is the filesystem or device refusing it (one that accepts
+    /// the open, or needs an alignment beyond 4 KiB): the refused run and the rest of the
+    /// restore go through the cache, neither a failed restore nor a lost run.
+    #[test]
+    fn a_refused_direct_write_sends_it_and_the_rest_of_the_restore_through_the_cache() {
+        if !takes_direct_io(tempfile::tempdir().unwrap().path()) {
+            eprintln!("skipped: the test directory's filesystem refuses O_DIRECT");
+            return;
+        }
+        let (target, result) = restore_refused(Refusal::NextWrite(libc::EINVAL));
+        assert_eq!(result.unwrap().bytes_written, ODD_SIZE - 54 * CHUNK);
+        assert!(target.direct_refused.load(Ordering::Relaxed));
+        assert_eq!(target.bytes_written_direct(), 0);
+    }
+
+    /// Any other error of a direct write (here `EIO`) fails the restore, naming the run.
+    #[test]
+    fn a_failed_direct_write_is_the_restore_error_not_a_fallback() {
+        if !takes_direct_io(tempfile::tempdir().unwrap().path()) {
+            eprintln!("skipped: the test directory's filesystem refuses O_DIRECT");
+            return;
+        }
+        let (target, result) = restore_refused(Refusal::NextWrite(libc::EIO));
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, RestoreError::Write { offset: 0, reason, .. } if reason.contains("Input/output error")),
+            "{err}"
+        );
+        assert!(!target.direct_refused.load(Ordering::Relaxed));
+    }
+
+    /// Running out of file descriptors is not a filesystem without `O_DIRECT`.
+    #[test]
+    fn only_einval_when_opening_the_direct_handle_means_no_direct_writes() {
+        let refused = direct_unless_refused(Err(io::Error::from_raw_os_error(libc::EINVAL)));
+        assert!(matches!(refused, Ok(None)));
+        let transient = direct_unless_refused(Err(io::Error::from_raw_os_error(libc::EMFILE)));
+        assert_eq!(transient.unwrap_err().raw_os_error(), Some(libc::EMFILE));
     }
 
     #[test]

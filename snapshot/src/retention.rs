@@ -36,7 +36,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::schedule::{format_duration, parse_duration_seconds, BareM, Date, IsoWeek, LocalDateTime, TimeZone};
+use crate::schedule::{format_duration, parse_duration_seconds, BareM};
+use crate::tz::{Date, IsoWeek, LocalDateTime, TimeZone};
 
 /// The rules of a retention policy, as written in the `[retention]` table of the config:
 ///
@@ -512,7 +513,7 @@ fn deserialize_keep_within<'de, D: serde::Deserializer<'de>>(deserializer: D) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::days_from_civil;
+    use crate::tz::days_from_civil;
     use proptest::prelude::*;
 
     /// `"2026-03-29 01:00"` read as UTC, to Unix seconds.

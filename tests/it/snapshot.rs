@@ -298,8 +298,15 @@ fn export_import_verify_heal_retention_and_gc() {
     let again = json(&keel(&daemon, &["snapshot", "verify", "--json"]));
     assert!(again["findings"].as_array().unwrap().is_empty(), "{again}");
 
-    // Forget one snapshot; GC frees its chunks and the other still restores.
+    // Forget one snapshot; GC frees its chunks and the other still restores. GC keeps
+    // chunks written in or after the second it starts (an upload may still need them), so
+    // it starts once the clock has left the second of the last write above.
+    let written = keel_snapshot::lease::now_unix();
     keel(&daemon, &["snapshot", "forget", &ids[1]]);
+    keel_tests::cluster::until("the clock to pass the last write's second", Duration::from_secs(5), || {
+        keel_snapshot::lease::now_unix() > written
+    })
+    .unwrap();
     let gc = json(&keel(&daemon, &["snapshot", "gc", "--json"]));
     assert!(gc["deleted"].as_u64().unwrap() > 0, "{gc}");
     let path = restore_to_file(&daemon, &ids[2], "local", "after-gc.raw");
@@ -400,4 +407,43 @@ path = "{{dir}}/vault-dc3"
     assert_eq!(sha256_file(&path).unwrap(), expected);
     let garage_list = json(&keel(&daemon, &["snapshot", "list", "--vault", "garage", "--json"]));
     assert!(garage_list.to_string().contains(&first), "{garage_list}");
+}
+
+/// A firing that passes while the daemon is down is taken when it starts again: one
+/// catch-up named after that firing, rather than nothing until the next one (the schedule
+/// ledger, tools `snapshot/catchup.rs`). Takes a minute or two: it waits, on the clock, for
+/// a firing of `every 1m` to pass while the daemon is stopped.
+#[test]
+fn a_firing_missed_while_the_daemon_was_down_is_taken_at_start() {
+    let mut daemon = node(&[("db", "16MiB")], "schedule = \"every 1m\"\n");
+    // The scheduler writes its ledger once it runs, after the daemon serves NBD.
+    let ledger = daemon.dir().join("data").join("schedule.ledger");
+    keel_tests::cluster::until("the schedule ledger", Duration::from_secs(30), || ledger.exists()).unwrap();
+    assert!(daemon.stop().unwrap(), "a clean shutdown:\n{}", daemon.log());
+    let now = keel_snapshot::lease::now_unix;
+    let missed = (now() / 60 + 1) * 60;
+    keel_tests::cluster::until("a firing to pass while the daemon is down", Duration::from_secs(120), || {
+        now() >= missed
+    })
+    .unwrap();
+    let before = now();
+    daemon.restart().unwrap();
+    let after = now();
+    let scheduled = || -> Vec<Value> {
+        let list = json(&keel(&daemon, &["snapshot", "list", "--json"]));
+        let rows = list["snapshots"].as_array().cloned().unwrap_or_default();
+        rows.into_iter().filter(|s| s["marker"].as_str().is_some_and(|m| m.starts_with("scheduled-"))).collect()
+    };
+    keel_tests::cluster::until("the catch-up snapshot", Duration::from_secs(180), || !scheduled().is_empty()).unwrap();
+    // The firing owed at the restart (the latest at or before it), not the next one.
+    let owed: Vec<String> = [before, after]
+        .iter()
+        .map(|t| format!("scheduled-{}", keel_snapshot::create::utc_compact(t / 60 * 60)))
+        .collect();
+    let first = scheduled().into_iter().min_by_key(|s| s["time"].as_i64()).unwrap();
+    assert!(
+        owed.iter().any(|m| first["marker"] == m.as_str()),
+        "the first scheduled snapshot after the restart is {first}, not the missed firing {owed:?}:\n{}",
+        daemon.log()
+    );
 }

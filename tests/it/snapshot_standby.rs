@@ -397,3 +397,81 @@ fn measure_primary_write_latency_during_a_standby_snapshot() {
         eprintln!("  {label:<26} {}", percentiles(samples));
     }
 }
+
+/// The primary dies just before a firing of `take_on = "standby"`, while the witness is
+/// down, so the standby cannot take it (its marker request finds no answer, or it already
+/// lost the link) and is promoted only after the firing, when the witness is back. Once
+/// promoted it takes that firing, under the firing's name, once (the schedule ledger keeps
+/// a firing owed while the primary is not connected; without it the firing was missed).
+/// Takes up to four minutes: up to one for the firing, 30 s for the request to time out,
+/// one tick.
+#[test]
+fn a_firing_the_dead_primary_missed_is_taken_by_the_promoted_standby() {
+    let _serial = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let keys = Keys::new();
+    let options =
+        keys.options(&[("vol", "16MiB")], Network::Loopback, "schedule = \"every 1m\"\ntake_on = \"standby\"");
+    let mut cluster = Cluster::start(&options).unwrap();
+    let primary = cluster.wait_in_sync("vol", Duration::from_secs(60)).unwrap();
+    let standby = 1 - primary;
+    let now = keel_snapshot::lease::now_unix;
+    let firing = (now() + 5) / 60 * 60 + 60;
+    keel_tests::cluster::until("two seconds before the firing", Duration::from_secs(90), || now() >= firing - 2)
+        .unwrap();
+    cluster.witness_down();
+    cluster.nodes[primary].kill9();
+    keel_tests::cluster::until("the firing", Duration::from_secs(10), || now() > firing).unwrap();
+    cluster.witness_up().unwrap();
+    cluster.wait_primary(standby, "vol", Duration::from_secs(90)).unwrap();
+    let marker = format!("scheduled-{}", keel_snapshot::create::utc_compact(firing));
+    let taken = || -> Vec<Value> {
+        let out = keel(&cluster, standby, &["snapshot", "list", "vol", "--json"]);
+        assert!(out.status.success(), "{}", out.describe());
+        let rows = json(&out)["snapshots"].as_array().cloned().unwrap_or_default();
+        rows.into_iter().filter(|s| s["marker"] == marker.as_str()).collect()
+    };
+    keel_tests::cluster::until(&format!("the promoted standby takes {marker}"), Duration::from_secs(240), || {
+        !taken().is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.describe()));
+    let rows = taken();
+    assert_eq!(rows.len(), 1, "{marker} taken once: {rows:?}");
+}
+
+/// With `take_on = "primary"` the primary takes each firing; its standby settles the
+/// firing in its schedule ledger once the primary's marker of it arrives (so a later
+/// promotion does not take it again), and takes nothing itself. Takes up to two minutes.
+#[test]
+fn a_standby_settles_a_firing_when_the_primarys_marker_arrives() {
+    let _serial = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let keys = Keys::new();
+    let options =
+        keys.options(&[("vol", "16MiB")], Network::Loopback, "schedule = \"every 1m\"\ntake_on = \"primary\"");
+    let cluster = Cluster::start(&options).unwrap();
+    let primary = cluster.wait_in_sync("vol", Duration::from_secs(60)).unwrap();
+    let standby = 1 - primary;
+    let scheduled = |node: usize| -> Vec<Value> {
+        let out = keel(&cluster, node, &["snapshot", "list", "vol", "--json"]);
+        assert!(out.status.success(), "{}", out.describe());
+        let rows = json(&out)["snapshots"].as_array().cloned().unwrap_or_default();
+        rows.into_iter().filter(|s| s["marker"].as_str().is_some_and(|m| m.starts_with("scheduled-"))).collect()
+    };
+    keel_tests::cluster::until("the primary's scheduled snapshot", Duration::from_secs(150), || {
+        !scheduled(primary).is_empty()
+    })
+    .unwrap();
+    let taken = scheduled(primary);
+    // `every 1m` in UTC: the firing is the minute the snapshot's marker was appended in.
+    let firing = taken[0]["time"].as_i64().unwrap() / 60 * 60;
+    let ledger = cluster.nodes[standby].dir.join("data").join("schedule.ledger");
+    // The latest firing settled for the volume (a later one may already have replaced it).
+    let settled = || -> Option<i64> {
+        let text = std::fs::read_to_string(&ledger).ok()?;
+        text.lines().find_map(|line| line.strip_prefix("volume ")?.strip_suffix(" vol")?.parse().ok())
+    };
+    keel_tests::cluster::until("the standby's ledger settles the firing", Duration::from_secs(90), || {
+        settled().is_some_and(|fired| fired >= firing)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", std::fs::read_to_string(&ledger)));
+    assert!(scheduled(standby).is_empty(), "the standby took a scheduled snapshot: {:?}", scheduled(standby));
+}

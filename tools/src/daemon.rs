@@ -178,7 +178,7 @@ async fn serve(
         let control = Arc::clone(&control);
         let volumes: Arc<dyn Fn() -> Vec<crate::snapshot::ScheduledJob> + Send + Sync> =
             Arc::new(move || control.snapshot_volumes());
-        tokio::spawn(runner.run_schedule(volumes, shutdown.clone()))
+        tokio::spawn(runner.run_schedule(volumes, config.data_dir.join("schedule.ledger"), shutdown.clone()))
     });
     let control_task = {
         let (path, shutdown) = (control_socket.clone(), shutdown.clone());

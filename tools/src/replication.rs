@@ -221,7 +221,7 @@ impl Control {
                 ctx.volumes
                     .values()
                     .filter(|rv| !grouped(rv.name()))
-                    .filter_map(|rv| ScheduledJob::for_replicated(rv, take_on)),
+                    .map(|rv| ScheduledJob::for_replicated(rv, take_on)),
             );
         }
         let replicated = self.ctx.as_ref().map(|c| &c.volumes);

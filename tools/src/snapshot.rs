@@ -26,8 +26,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::NodeConfig;
 use crate::units::parse_size;
 
+mod catchup;
 mod group;
 mod standby;
+pub use catchup::{Backoff, Catchup, JobKey, Ledger, Outcome};
 pub use group::{GroupConfig, GroupMember};
 pub use standby::{GroupJob, GroupPlace, ScheduledJob, StandbyGroupJob, TakeOn, STANDBY_CLAIM_GRACE};
 
@@ -750,37 +752,68 @@ impl Runner {
         lines
     }
 
-    /// Runs the schedule until `shutdown`: at each firing, runs the jobs `volumes()` gives
-    /// (what this node does for each volume now: [`ScheduledJob`]); every minute, retries
-    /// copies.
+    /// Runs the schedule until `shutdown`: at each firing, and at every tick (a minute
+    /// at most) while a firing is owed, runs the jobs `volumes()` gives (what this node
+    /// does for each volume now: [`ScheduledJob`]) that the ledger at `ledger_path` says
+    /// still owe the latest firing (`catchup`: after downtime, a failover, or a failure);
+    /// every minute, retries copies.
     pub async fn run_schedule(
         self: Arc<Self>,
         volumes: Arc<dyn Fn() -> Vec<ScheduledJob> + Send + Sync>,
+        ledger_path: PathBuf,
         shutdown: keel_net::CancellationToken,
     ) {
         let Some(schedule) = self.repo.schedule.clone() else { return };
         let tz = self.repo.timezone.clone();
-        let mut next = schedule.next_after(keel_snapshot::lease::now_unix(), &tz);
-        let mut next_copy = keel_snapshot::lease::now_unix() + 60;
+        let now = keel_snapshot::lease::now_unix();
+        let latest = schedule.last_at_or_before(now, &tz).unwrap_or(now);
+        // The ledger's file I/O and fsyncs run on blocking threads, as the firings do.
+        let Ok(ledger) = tokio::task::spawn_blocking(move || catchup::Ledger::open(&ledger_path, latest)).await else {
+            tracing::error!("opening the schedule ledger failed; scheduled snapshots are off");
+            return;
+        };
+        let state = Arc::new(std::sync::Mutex::new(catchup::Catchup { ledger, backoff: catchup::Backoff::default() }));
+        let mut next_copy = now + 60;
+        // The latest firing every job had settled at the last look: nothing to ask
+        // `volumes()` until the next firing.
+        let mut all_settled = None;
         loop {
             let now = keel_snapshot::lease::now_unix();
+            if let Some(latest) = schedule.last_at_or_before(now, &tz).filter(|&l| all_settled != Some(l)) {
+                // Named after the firing, not the wake-up: both nodes of a pair name it
+                // alike, which is how the primary knows its standby took it.
+                let (runner, shutdown, volumes, state) =
+                    (Arc::clone(&self), shutdown.clone(), Arc::clone(&volumes), Arc::clone(&state));
+                let tick = tokio::task::spawn_blocking(move || {
+                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                    let (due, owing) = state.due(volumes(), ScheduledJob::key, latest, now);
+                    if !due.is_empty() {
+                        let outcomes = runner.run_firing(due, latest, &shutdown);
+                        state.record(outcomes, latest, keel_snapshot::lease::now_unix());
+                    }
+                    state.owes_any(&owing, latest)
+                })
+                .await;
+                match tick {
+                    Ok(false) => all_settled = Some(latest),
+                    Ok(true) => {}
+                    // Still owed: the next tick tries again (after its backoff).
+                    Err(e) => tracing::error!("a scheduled firing failed: {e}"),
+                }
+            }
+            if now >= next_copy {
+                next_copy = now + 60;
+                let runner = Arc::clone(&self);
+                let _ = tokio::task::spawn_blocking(move || runner.copy_pending(None)).await;
+            }
+            let now = keel_snapshot::lease::now_unix();
+            let next = schedule.next_after(now, &tz);
+            // A tick at least every minute: an owed firing is looked at again (a standby
+            // promoted, a backoff over) without waiting for the next one.
             let wait = (next.min(next_copy) - now).clamp(0, 60) as u64;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(std::time::Duration::from_secs(wait)) => {}
-            }
-            let now = keel_snapshot::lease::now_unix();
-            if now >= next {
-                // Named after the firing, not the wake-up: both nodes of a pair name it
-                // alike, which is how the primary knows its standby took it.
-                let (fired, jobs) = (next, volumes());
-                next = schedule.next_after(now, &tz);
-                let (runner, shutdown) = (Arc::clone(&self), shutdown.clone());
-                let _ = tokio::task::spawn_blocking(move || runner.run_firing(jobs, fired, &shutdown)).await;
-            } else if now >= next_copy {
-                next_copy = now + 60;
-                let runner = Arc::clone(&self);
-                let _ = tokio::task::spawn_blocking(move || runner.copy_pending(None)).await;
             }
         }
     }

@@ -109,6 +109,13 @@ impl Volume {
         append_group(volumes, name, GroupFreeze::MarkOnly).map(|(seqs, _)| seqs)
     }
 
+    /// Whether a snapshot marker named `name` was applied (appended here, or received
+    /// from the primary) among the last 64 since the volume was opened, and not rewound.
+    /// A standby learns so that its primary took the scheduled snapshot of that name.
+    pub fn saw_marker(&self, name: &str) -> bool {
+        self.inner.frozen.state.lock().recent.iter().any(|(_, seen)| seen == name.as_bytes())
+    }
+
     /// For a standby: the next snapshot marker named `name` that is applied (by
     /// [`Volume::apply_replica`], or appended here) freezes the volume at it. The
     /// returned waiter hands out the [`Frozen`]; dropping it cancels the wait. Counts
@@ -665,7 +672,14 @@ struct SetState {
     reserved: usize,
     /// The copy buffer, reused (one region).
     scratch: Vec<u8>,
+    /// The last [`RECENT_MARKERS`] markers applied since the volume was opened: (seq,
+    /// name), oldest first ([`Volume::saw_marker`]).
+    recent: std::collections::VecDeque<(u64, Vec<u8>)>,
 }
+
+/// How many applied markers [`Volume::saw_marker`] remembers (a few hours of a schedule
+/// firing every few minutes; names are at most 255 bytes).
+const RECENT_MARKERS: usize = 64;
 
 /// A volume's freezes. Held by the volume and by every [`Frozen`].
 pub(crate) struct FrozenSet {
@@ -794,6 +808,10 @@ impl FrozenSet {
     /// the oldest waiter for that name.
     pub(super) fn on_marker(self: &Arc<Self>, seq: u64, name: &[u8], own: Option<&Arc<Core>>) {
         let mut state = self.state.lock();
+        if state.recent.len() == RECENT_MARKERS {
+            state.recent.pop_front();
+        }
+        state.recent.push_back((seq, name.to_vec()));
         if let Some(core) = own {
             let _ = core.seq.set(seq);
             state.active.push(Arc::clone(core));
@@ -837,6 +855,7 @@ impl FrozenSet {
     pub(super) fn rewound(&self, to_seq: u64) {
         let cause = format!("the volume was rewound to seq {to_seq}");
         let mut state = self.state.lock();
+        state.recent.retain(|(seq, _)| *seq <= to_seq);
         for core in state.active.iter().filter(|c| c.seq() > to_seq) {
             core.invalidate(&format!("{cause}, before the marker"));
         }

@@ -866,6 +866,8 @@ mod frozen_tests {
         };
         let frozen = waiter.wait(Duration::from_secs(60)).unwrap();
         assert_eq!((frozen.seq(), frozen.name()), (marker, "nightly"));
+        assert!(standby.saw_marker("nightly") && standby.saw_marker("decoy"), "the standby saw the primary's markers");
+        assert!(!standby.saw_marker("never") && !standby.saw_marker("nightl"));
         assert!(read_view_matches(&frozen, &model, &mut rng), "seed {seed}");
         applied_rx.recv().unwrap();
         assert!(read_view_matches(&frozen, &model, &mut rng), "seed {seed}");
@@ -944,7 +946,9 @@ mod frozen_tests {
         let discarded = volume.snapshot("discarded").unwrap();
         let waiter = volume.freeze_at_marker("pending").unwrap();
         volume.write(0, &[3; 8192], PersistMode::Buffered).unwrap();
+        assert!(volume.saw_marker("kept") && volume.saw_marker("discarded"));
         volume.rewind(before).unwrap();
+        assert!(volume.saw_marker("kept") && !volume.saw_marker("discarded"), "a rewound marker was never seen");
         assert!(frozen_error(&discarded).contains("rewound"), "{}", frozen_error(&discarded));
         let err = waiter.wait(Duration::from_secs(10)).unwrap_err().to_string();
         assert!(err.contains("rewound"), "{err}");

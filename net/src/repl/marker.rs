@@ -812,37 +812,7 @@ mod tests {
         assert_ne!(old.session, client.session);
     }
 
-    fn repl_volume(root: &std::path::Path, name: &str, peer: &str, role: Role) -> Arc<ReplVolume> {
-        let env: Arc<dyn keel_engine::Env> = Arc::new(keel_engine::PosixEnv::posix());
-        let options = keel_engine::VolumeOptions {
-            segment_bytes: 1 << 20,
-            segment_count_max: 4,
-            change_region_bytes: 64 << 10,
-            extent_file_bytes: 1 << 20,
-        };
-        let dir = root.join(name);
-        keel_engine::Volume::create(Arc::clone(&env), &dir, name, 1 << 20, &options).unwrap();
-        let volume = keel_engine::Volume::open(env, &dir, &keel_engine::OpenOptions::default()).unwrap().0;
-        let state = super::super::state::ReplState {
-            role,
-            epoch: 1,
-            peer: peer.into(),
-            history: Vec::new(),
-            consistent: true,
-            promote_sent_epoch: None,
-        };
-        let config = super::super::volume::ReplVolumeConfig {
-            node: "node-a".into(),
-            peer: peer.into(),
-            peer_addr: "127.0.0.1:9".parse().unwrap(),
-            mode: super::super::volume::ReplMode::Sync,
-            timing: super::super::fence::Timing::default(),
-            queue_bytes: 1 << 20,
-            resync_bytes_per_sec: 1 << 20,
-            nbd_uri: String::new(),
-        };
-        ReplVolume::new(Arc::new(volume), state, config, crate::events::EventLog::in_memory("node-a"))
-    }
+    use crate::testing::repl_volume;
 
     /// The primary refuses a group request, appending nothing and claiming nothing, and
     /// names the member at fault: a member it does not replicate (a forged or stale

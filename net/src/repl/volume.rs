@@ -305,6 +305,12 @@ impl ReplVolume {
         }
     }
 
+    /// Whether the replication link to the peer is up now (what `keel status` shows as
+    /// `peer.connected`).
+    pub fn peer_connected(&self) -> bool {
+        self.shared.lock().peer_connected
+    }
+
     /// Status for `keel status` (see docs/operations.md for the fields).
     ///
     /// Reads only lock-free counters from the engine: a writer may hold the journal lock

@@ -228,6 +228,8 @@ struct OpenPack {
     len: u64,
     /// Whether the two files' names were made durable (a `packs/` fsync after creation).
     names_durable: bool,
+    /// Bytes up to which writeback was started ([`WRITEBACK_STEP`]).
+    written_back: u64,
 }
 
 /// A pack a sync makes durable, and its log.
@@ -278,6 +280,32 @@ enum ReadFailure {
 impl From<StoreError> for ReadFailure {
     fn from(e: StoreError) -> Self {
         ReadFailure::Store(e)
+    }
+}
+
+/// How many bytes a pack grows by before their writeback is started.
+const WRITEBACK_STEP: u64 = 1 << 20;
+
+/// Bytes `[from, to)` of a pack, whose writeback to the disk is to be started.
+struct Writeback {
+    pack: Arc<File>,
+    from: u64,
+    to: u64,
+}
+
+impl Writeback {
+    /// Starts writing the range back to the disk, without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, as PostgreSQL's `checkpoint_flush_after`).
+    /// Not for durability (the batch's fdatasync gives that, and reports any write error):
+    /// so the disk writes a snapshot's packs as they grow instead of in one burst at the
+    /// batch's fdatasync, which a primary's journal fdatasync on the same disk would queue
+    /// behind. Best effort: an error here is reported by that fdatasync.
+    fn start(self) {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(self.from), i64::try_from(self.to - self.from)) else { return };
+        // SAFETY: sync_file_range only reads its integer arguments; the fd stays open while
+        // `self.pack` is held.
+        let _ = unsafe { libc::sync_file_range(self.pack.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
     }
 }
 
@@ -450,18 +478,22 @@ impl LocalChunkStore {
         self.check_not_poisoned()?;
         check_frame(bytes).map_err(|source| StoreError::InvalidChunk { id: *id, source })?;
         self.check_generation()?;
-        let (outcome, durable) = {
+        let (outcome, durable, writeback) = {
             let mut writer = lock(&self.writer);
             if writer.pending_ids.contains_key(id) {
-                (PutOutcome::AlreadyPresent, false)
+                (PutOutcome::AlreadyPresent, false, None)
             } else if read(&self.state).index.get(id).is_some() {
-                (PutOutcome::AlreadyPresent, true)
+                (PutOutcome::AlreadyPresent, true, None)
             } else {
                 let written = now_unix().saturating_sub_unsigned(self.backdate_secs.load(Ordering::Relaxed));
-                self.poison_on_error(|| self.append(&mut writer, id, bytes, written, None))?;
-                (PutOutcome::Written, false)
+                let writeback = self.poison_on_error(|| self.append(&mut writer, id, bytes, written, None))?;
+                (PutOutcome::Written, false, writeback)
             }
         };
+        // Outside the writer lock: it can wait for room in the disk's queue.
+        if let Some(writeback) = writeback {
+            writeback.start();
+        }
         if self.mode == PersistMode::Immediate && !durable {
             // Also when another put's record of this chunk is pending: "present" must mean
             // durable here.
@@ -472,6 +504,8 @@ impl LocalChunkStore {
 
     /// Appends `frame` (with its id before it) to the current pack, starting a new pack
     /// when the current one would pass the target size, and keeps its record pending.
+    /// Returns the writeback to start once the writer lock is released, every
+    /// [`WRITEBACK_STEP`] bytes.
     fn append(
         &self,
         writer: &mut Writer,
@@ -479,7 +513,7 @@ impl LocalChunkStore {
         frame: &[u8],
         written: i64,
         replaces: Option<Location>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Writeback>, StoreError> {
         let len = u32::try_from(frame.len())
             .ok()
             .filter(|&len| len as usize <= MAX_FRAME_LEN)
@@ -507,10 +541,15 @@ impl LocalChunkStore {
         pack.pack.write_all_at(&id.0, at).map_err(io)?;
         pack.pack.write_all_at(frame, at + ENTRY_ID_LEN as u64).map_err(io)?;
         pack.len += entry_len;
+        let writeback = (pack.len - pack.written_back >= WRITEBACK_STEP).then(|| {
+            let writeback = Writeback { pack: Arc::clone(&pack.pack), from: pack.written_back, to: pack.len };
+            pack.written_back = pack.len;
+            writeback
+        });
         let record = Pending { id: *id, slot: pack.slot, offset: at + ENTRY_ID_LEN as u64, len, written, replaces };
         writer.pending.push(record);
         *writer.pending_ids.entry(*id).or_default() += 1;
-        Ok(())
+        Ok(writeback)
     }
 
     /// Creates a pack and its log under a fresh random name, takes the pack's shared lock
@@ -553,6 +592,7 @@ impl LocalChunkStore {
                 log: Arc::new(log),
                 len: HEADER_LEN as u64,
                 names_durable: false,
+                written_back: 0,
             });
         }
         Err(StoreError::Io {

@@ -255,8 +255,15 @@ impl LocalChunkStore {
                 intact = false;
                 break;
             }
-            let mut writer = lock(&self.writer);
-            self.poison_on_error(|| self.append(&mut writer, id, frame, i64::from(location.written), Some(*location)))?;
+            let writeback = {
+                let mut writer = lock(&self.writer);
+                self.poison_on_error(|| {
+                    self.append(&mut writer, id, frame, i64::from(location.written), Some(*location))
+                })?
+            };
+            if let Some(writeback) = writeback {
+                writeback.start();
+            }
             report.chunks_moved += 1;
             report.bytes_moved += entry.len() as u64;
         }

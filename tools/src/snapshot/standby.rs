@@ -23,10 +23,12 @@
 //! member at once, or skips it. A group with members of both kinds here (unreplicated, or
 //! primary here, beside a standby member) is taken by no standby.
 //!
-//! A firing can be missed, never doubled, when the roles change inside the grace: the
-//! standby's request fails because the primary died before it answered (the standby
-//! promotes after the firing), or the primary stepped down before its grace ended. The
-//! next firing takes the volume again; `keel snapshot create` takes one at any time.
+//! When the roles change inside the grace (the standby's request finds no answer because
+//! the primary died; the primary steps down before its grace ends) or a node is down at the
+//! firing, the schedule ledger (`catchup`) keeps the firing owed: the standby settles a
+//! firing it left to its primary only once the primary's marker of that firing arrived,
+//! so once promoted it takes the firings its dead primary did not start. (What still
+//! misses one: `catchup`.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +41,7 @@ use keel_net::CancellationToken;
 use keel_snapshot::create;
 use serde::{Deserialize, Serialize};
 
+use super::catchup::{JobKey, Outcome};
 use super::{GroupConfig, Runner};
 
 /// `[snapshots] take_on`: which node of a replicated pair takes scheduled snapshots.
@@ -83,6 +86,20 @@ pub enum ScheduledJob {
     /// A consistency group whose members are all replicated, this node the standby of
     /// each: take it here.
     StandbyGroup(StandbyGroupJob),
+    /// This node is the standby of a volume (or of every member of a group) and leaves
+    /// the firing to the primary: nothing to take here, but the firing is settled only
+    /// once the primary's marker of it arrived (the schedule ledger, `catchup`).
+    LeftToPrimary {
+        /// The volume or group.
+        key: JobKey,
+        /// The replicated volumes whose primary takes it.
+        members: Vec<Arc<ReplVolume>>,
+    },
+    /// A consistency group no node can take now: its members are split between the two
+    /// nodes (a standby member beside a primary or unreplicated one, after a partial
+    /// failover). Nothing to take; the firing stays owed (retried after a backoff), so
+    /// the node where the members come together again takes it.
+    Split(JobKey),
 }
 
 /// A consistency group's snapshot on the standby of every member.
@@ -178,6 +195,17 @@ impl GroupJob {
 }
 
 impl ScheduledJob {
+    /// What the schedule ledger knows this job by.
+    pub fn key(&self) -> JobKey {
+        match self {
+            Self::Local(volume) => JobKey::Volume(volume.name().to_owned()),
+            Self::Primary(rv) | Self::PrimaryDeferred(rv) | Self::Standby(rv) => JobKey::Volume(rv.name().to_owned()),
+            Self::Group(job) | Self::PrimaryDeferredGroup(job) => JobKey::Group(job.group.name.clone()),
+            Self::StandbyGroup(job) => JobKey::Group(job.group.name.clone()),
+            Self::LeftToPrimary { key, .. } | Self::Split(key) => key.clone(),
+        }
+    }
+
     /// The job for consistency group `group` at a firing under `take_on`; `None`: nothing
     /// to do on this node.
     pub fn for_group(
@@ -194,14 +222,17 @@ impl ScheduledJob {
             Ok(GroupPlace::Standby(job)) if take_on == TakeOn::Standby => match job.ready() {
                 Ok(()) => Some(Self::StandbyGroup(job)),
                 Err(reason) => {
-                    tracing::info!(group = %group.name, "scheduled group snapshot left to the primary: {reason}");
-                    None
+                    // Debug: asked every tick while a firing is owed (the schedule ledger).
+                    tracing::debug!(group = %group.name, "scheduled group snapshot left to the primary: {reason}");
+                    Some(Self::LeftToPrimary { key: JobKey::Group(group.name.clone()), members: job.members })
                 }
             },
-            Ok(GroupPlace::Standby(_)) => None,
+            Ok(GroupPlace::Standby(job)) => {
+                Some(Self::LeftToPrimary { key: JobKey::Group(group.name.clone()), members: job.members })
+            }
             Ok(GroupPlace::Elsewhere(reason)) => {
-                tracing::info!(group = %group.name, "scheduled group snapshot not taken here: {reason}");
-                None
+                tracing::debug!(group = %group.name, "scheduled group snapshot not taken here: {reason}");
+                Some(Self::Split(JobKey::Group(group.name.clone())))
             }
             Err(reason) => {
                 tracing::warn!("scheduled snapshot not taken: {reason}");
@@ -210,21 +241,23 @@ impl ScheduledJob {
         }
     }
 
-    /// The job for a replicated volume at a firing under `take_on`; `None`: nothing to do
-    /// on this node (a standby that cannot take it leaves it to the primary).
-    pub fn for_replicated(rv: &Arc<ReplVolume>, take_on: TakeOn) -> Option<Self> {
+    /// The job for a replicated volume at a firing under `take_on` (a standby that cannot
+    /// take it leaves it to the primary).
+    pub fn for_replicated(rv: &Arc<ReplVolume>, take_on: TakeOn) -> Self {
         let rv = Arc::clone(rv);
+        let left =
+            |rv: Arc<ReplVolume>| Self::LeftToPrimary { key: JobKey::Volume(rv.name().to_owned()), members: vec![rv] };
         match (rv.role(), take_on) {
-            (Role::Primary, TakeOn::Standby) if rv.standby_takes_snapshots() => Some(Self::PrimaryDeferred(rv)),
-            (Role::Primary, _) => Some(Self::Primary(rv)),
+            (Role::Primary, TakeOn::Standby) if rv.standby_takes_snapshots() => Self::PrimaryDeferred(rv),
+            (Role::Primary, _) => Self::Primary(rv),
             (Role::Standby, TakeOn::Standby) => match rv.standby_snapshot_ready() {
-                Ok(()) => Some(Self::Standby(rv)),
+                Ok(()) => Self::Standby(rv),
                 Err(reason) => {
-                    tracing::info!(volume = %rv.name(), "scheduled snapshot left to the primary: {reason}");
-                    None
+                    tracing::debug!(volume = %rv.name(), "scheduled snapshot left to the primary: {reason}");
+                    left(rv)
                 }
             },
-            (Role::Standby, TakeOn::Primary) => None,
+            (Role::Standby, TakeOn::Primary) => left(rv),
         }
     }
 }
@@ -337,9 +370,16 @@ impl Runner {
     /// One schedule firing (blocking): the standby's volumes first (every marker requested
     /// before any volume is read, so the primary sees each claim within its grace), then
     /// this node's own, then, after the grace, the primary's deferred ones the standby did
-    /// not take. Returns early when `shutdown` fires during the grace.
-    pub(super) fn run_firing(&self, jobs: Vec<ScheduledJob>, fired_unix: i64, shutdown: &CancellationToken) {
+    /// not take. Returns how each job fared ([`Outcome`]: what the ledger settles); when
+    /// `shutdown` fires during the grace, the deferred jobs stay owed.
+    pub(super) fn run_firing(
+        &self,
+        jobs: Vec<ScheduledJob>,
+        fired_unix: i64,
+        shutdown: &CancellationToken,
+    ) -> Vec<(JobKey, Outcome)> {
         let marker = format!("scheduled-{}", create::utc_compact(fired_unix));
+        let mut outcomes = Vec::with_capacity(jobs.len());
         let (mut standby, mut standby_groups, mut here) = (Vec::new(), Vec::new(), Vec::new());
         let (mut deferred, mut deferred_groups) = (Vec::new(), Vec::new());
         for job in jobs {
@@ -348,6 +388,17 @@ impl Runner {
                 ScheduledJob::StandbyGroup(job) => standby_groups.push(job),
                 ScheduledJob::PrimaryDeferred(rv) => deferred.push(rv),
                 ScheduledJob::PrimaryDeferredGroup(job) => deferred_groups.push(job),
+                ScheduledJob::LeftToPrimary { key, members } => {
+                    outcomes.push((key, primary_took_it(&members, &marker)));
+                }
+                ScheduledJob::Split(key) => {
+                    tracing::warn!(
+                        "scheduled snapshot {marker} of {key}: its members are split between the nodes; \
+                                    taken when they are together again"
+                    );
+                    // Looked at again after a backoff, which also spaces these warnings.
+                    outcomes.push((key, Outcome::Failed));
+                }
                 job @ (ScheduledJob::Local(_) | ScheduledJob::Primary(_) | ScheduledJob::Group(_)) => here.push(job),
             }
         }
@@ -362,38 +413,37 @@ impl Runner {
             .collect();
         for (rv, frozen) in frozen {
             let taken = frozen.and_then(|frozen| self.take_frozen_now(rv.name(), &frozen));
-            if let Err(e) = taken {
+            if let Err(e) = &taken {
                 tracing::warn!(volume = %rv.name(), "scheduled snapshot on the standby failed: {e:#}");
             }
+            outcomes.push((JobKey::Volume(rv.name().to_owned()), standby_outcome(&taken, &[rv])));
         }
         for (job, frozen) in frozen_groups {
             let taken = frozen.and_then(|frozen| self.take_group_frozen_now(&job, frozen));
-            if let Err(e) = taken {
+            if let Err(e) = &taken {
                 tracing::warn!(group = %job.group.name, "scheduled group snapshot on the standby failed: {e:#}");
             }
+            outcomes.push((JobKey::Group(job.group.name.clone()), standby_outcome(&taken, &job.members)));
         }
         for job in here {
-            let (name, taken) = match &job {
-                ScheduledJob::Local(volume) => (volume.name().to_owned(), self.snapshot_now(volume, &marker)),
+            let key = job.key();
+            let taken = match &job {
+                ScheduledJob::Local(volume) => self.snapshot_now(volume, &marker).map(Some),
                 ScheduledJob::Primary(rv) => match rv.claim_snapshot_marker(&marker) {
-                    Ok(()) => (rv.name().to_owned(), self.snapshot_primary(rv, &marker)),
+                    Ok(()) => self.snapshot_primary(rv, &marker).map(Some),
                     Err(reason) => {
                         self.skipped(rv, &marker, &reason);
-                        continue;
+                        Ok(None)
                     }
                 },
-                ScheduledJob::Group(job) => (job.group.name.clone(), self.scheduled_group(job, &marker)),
-                ScheduledJob::PrimaryDeferred(_)
-                | ScheduledJob::Standby(_)
-                | ScheduledJob::PrimaryDeferredGroup(_)
-                | ScheduledJob::StandbyGroup(_) => continue,
+                ScheduledJob::Group(job) => self.scheduled_group(job, &marker),
+                _ => continue,
             };
-            if let Err(e) = taken {
-                tracing::warn!(volume = %name, "scheduled snapshot failed: {e:#}");
-            }
+            let outcome = primary_outcome(&key, taken, "");
+            outcomes.push((key, outcome));
         }
         if deferred.is_empty() && deferred_groups.is_empty() {
-            return;
+            return outcomes;
         }
         let grace_ends = fired_unix.saturating_add(STANDBY_CLAIM_GRACE.as_secs() as i64);
         let remaining = Duration::from_secs(grace_ends.saturating_sub(keel_snapshot::lease::now_unix()).max(0) as u64);
@@ -405,45 +455,48 @@ impl Runner {
             }
         });
         if !waited {
-            return;
+            let owed = deferred.iter().map(|rv| JobKey::Volume(rv.name().to_owned()));
+            let owed = owed.chain(deferred_groups.iter().map(|job| JobKey::Group(job.group.name.clone())));
+            outcomes.extend(owed.map(|key| (key, Outcome::Waiting)));
+            return outcomes;
         }
         for rv in deferred {
             let taken = match rv.claim_snapshot_marker(&marker) {
-                Ok(()) => self.snapshot_primary(&rv, &marker),
+                Ok(()) => self.snapshot_primary(&rv, &marker).map(Some),
                 Err(reason) => {
                     self.skipped(&rv, &marker, &reason);
-                    continue;
+                    Ok(None)
                 }
             };
-            if let Err(e) = taken {
-                tracing::warn!(volume = %rv.name(), "scheduled snapshot (the standby did not take it) failed: {e:#}");
-            }
+            let key = JobKey::Volume(rv.name().to_owned());
+            outcomes.push((key.clone(), primary_outcome(&key, taken, " (the standby did not take it)")));
         }
         for job in deferred_groups {
-            // Claimed on every member or none: a standby that claimed any member took it.
-            if let Err(e) = self.scheduled_group(&job, &marker) {
-                tracing::info!(group = %job.group.name, "scheduled group snapshot (deferred to the standby): {e:#}");
-            }
+            let key = JobKey::Group(job.group.name.clone());
+            let taken = self.scheduled_group(&job, &marker);
+            outcomes.push((key.clone(), primary_outcome(&key, taken, " (deferred to the standby)")));
         }
+        outcomes
     }
 
     /// A group's scheduled snapshot on its primary: the marker is claimed on every
-    /// replicated member at once (`Err`, and nothing claimed, if the standby claimed it on
-    /// any: it takes the group), then the group is taken.
-    fn scheduled_group(&self, job: &GroupJob, marker: &str) -> Result<serde_json::Value> {
+    /// replicated member at once (`Ok(None)`, and nothing claimed, if the standby claimed
+    /// it on any: it takes the group), then the group is taken.
+    fn scheduled_group(&self, job: &GroupJob, marker: &str) -> Result<Option<serde_json::Value>> {
         if !job.replicated.is_empty() {
             let members: Vec<&ReplVolume> = job.replicated.iter().map(|rv| &**rv).collect();
             if let Err(reason) = ReplVolume::claim_group_snapshot_marker(&members, marker) {
+                tracing::info!(group = %job.group.name, "scheduled group snapshot {marker} not taken here: {reason}");
                 for rv in &job.replicated {
                     self.skipped(rv, marker, &reason);
                 }
-                bail!("group {}: not claimed: {reason}", job.group.name);
+                return Ok(None);
             }
         }
         for rv in &job.replicated {
             rv.check_writable().map_err(|e| anyhow!("{e}; not taking group {} here", job.group.name))?;
         }
-        self.snapshot_group(&job.group, &job.volumes, marker)
+        self.snapshot_group(&job.group, &job.volumes, marker).map(Some)
     }
 
     fn skipped(&self, rv: &ReplVolume, marker: &str, reason: &str) {
@@ -453,6 +506,43 @@ impl Runner {
             "snapshot_skipped",
             serde_json::json!({ "marker": marker, "reason": reason }),
         );
+    }
+}
+
+/// How a job this node took as primary (or unreplicated) fared: taken, or skipped because
+/// the standby claimed it (`Ok(None)`), settles it; a failure is logged and retried.
+fn primary_outcome(key: &JobKey, taken: Result<Option<serde_json::Value>>, context: &str) -> Outcome {
+    match taken {
+        Ok(_) => Outcome::Settled,
+        Err(e) => {
+            tracing::warn!("scheduled snapshot of {key}{context} failed: {e:#}");
+            Outcome::Failed
+        }
+    }
+}
+
+/// How a job this node tried as the standby fared. Taken: settled. Not taken: retried
+/// while its primary is connected (a refusal because the primary took it is answered again
+/// at no cost; a snapshot that failed after the primary granted the marker must be retried
+/// here, as the primary skips a name its standby claimed), and waited on while it is not
+/// (the primary may be gone: once promoted, this node takes it).
+fn standby_outcome<T>(taken: &Result<T>, members: &[Arc<ReplVolume>]) -> Outcome {
+    match taken {
+        Ok(_) => Outcome::Settled,
+        Err(_) if members.iter().all(|rv| rv.peer_connected()) => Outcome::Failed,
+        Err(_) => Outcome::Waiting,
+    }
+}
+
+/// A job left to the primary settles once the primary's marker of this firing reached
+/// every member here: the primary took the snapshot (it appends the marker as it freezes
+/// its volumes). Until then the firing stays owed, in case the primary is gone and this
+/// node is promoted.
+fn primary_took_it(members: &[Arc<ReplVolume>], marker: &str) -> Outcome {
+    if members.iter().all(|rv| rv.volume().saw_marker(marker)) {
+        Outcome::Settled
+    } else {
+        Outcome::Waiting
     }
 }
 
@@ -472,5 +562,43 @@ mod tests {
         assert_eq!(parse("take_on = \"standby\"").unwrap(), TakeOn::Standby);
         assert_eq!(parse("take_on = \"primary\"").unwrap(), TakeOn::Primary);
         assert!(parse("take_on = \"witness\"").is_err());
+    }
+
+    fn repl_volume(root: &std::path::Path, name: &str, role: Role) -> Arc<ReplVolume> {
+        keel_net::testing::repl_volume(root, name, "node-b", role)
+    }
+
+    /// A standby leaves a firing to its primary and settles it only once the primary's
+    /// marker of that firing arrived; a group split between the nodes stays owed.
+    #[test]
+    fn left_to_the_primary_settles_on_its_marker_and_a_split_group_stays_owed() {
+        let root = tempfile::tempdir().unwrap();
+        let (db, files) =
+            (repl_volume(root.path(), "db", Role::Standby), repl_volume(root.path(), "files", Role::Standby));
+        let marker = "scheduled-20261201T070000Z";
+        let job = ScheduledJob::for_replicated(&db, TakeOn::Primary);
+        assert!(matches!(&job, ScheduledJob::LeftToPrimary { key: JobKey::Volume(n), .. } if n == "db"), "{job:?}");
+        let ScheduledJob::LeftToPrimary { members, .. } = job else { unreachable!() };
+        assert_eq!(primary_took_it(&members, marker), Outcome::Waiting, "no marker yet: owed");
+        db.volume().mark_snapshot("scheduled-20261201T065900Z").unwrap();
+        assert_eq!(primary_took_it(&members, marker), Outcome::Waiting, "another firing's marker");
+        db.volume().mark_snapshot(marker).unwrap();
+        assert_eq!(primary_took_it(&members, marker), Outcome::Settled);
+
+        let group = GroupConfig { name: "shop".into(), volumes: vec!["db".into(), "files".into()] };
+        let mut replicated = std::collections::HashMap::new();
+        replicated.insert("db".to_string(), Arc::clone(&db));
+        replicated.insert("files".to_string(), Arc::clone(&files));
+        let job = ScheduledJob::for_group(&group, &[], Some(&replicated), TakeOn::Primary).unwrap();
+        let ScheduledJob::LeftToPrimary { members, .. } = job else { panic!("{job:?}") };
+        assert_eq!(primary_took_it(&members, marker), Outcome::Waiting, "only one member has the marker");
+        files.volume().mark_snapshot(marker).unwrap();
+        assert_eq!(primary_took_it(&members, marker), Outcome::Settled);
+
+        let primary = repl_volume(root.path(), "orders", Role::Primary);
+        replicated.insert("orders".to_string(), primary);
+        let split = GroupConfig { name: "mixed".into(), volumes: vec!["db".into(), "orders".into()] };
+        let job = ScheduledJob::for_group(&split, &[], Some(&replicated), TakeOn::Standby).unwrap();
+        assert!(matches!(&job, ScheduledJob::Split(JobKey::Group(n)) if n == "mixed"), "{job:?}");
     }
 }
