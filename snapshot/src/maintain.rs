@@ -300,6 +300,9 @@ pub struct VerifyReport {
     pub findings: Vec<Finding>,
     /// Manifests that are corrupt (named by key, with the error).
     pub bad_manifests: Vec<String>,
+    /// Snapshots forgotten while they were verified (retention or `forget` elsewhere, GC
+    /// then taking their chunks): not damage, so their unhealed findings are dropped.
+    pub forgotten: Vec<String>,
 }
 
 impl VerifyReport {
@@ -344,6 +347,7 @@ pub fn verify(
         let mut checked = 0u64;
         let mut healed = 0u64;
         let mut lost = Vec::new();
+        let first_finding = report.findings.len();
         for id in distinct_chunks(&l.manifest) {
             if !subset.contains(&id) {
                 continue;
@@ -351,7 +355,7 @@ pub fn verify(
             checked += 1;
             if let Some(&good) = verdicts.get(&id) {
                 if !good {
-                    lost.push(id.to_string());
+                    lost.push(id);
                 }
                 continue;
             }
@@ -372,7 +376,7 @@ pub fn verify(
                     if ok {
                         healed += 1;
                     } else {
-                        lost.push(id.to_string());
+                        lost.push(id);
                     }
                     report.findings.push(Finding { id, problem, healed_from });
                     ok
@@ -380,13 +384,36 @@ pub fn verify(
             };
             verdicts.insert(id, good);
         }
+        done += l.manifest.chunk_count() as u64;
+        // Chunks a forgotten snapshot no longer holds are garbage, not losses. Asked only
+        // when something was lost, so a clean verify costs no extra request.
+        if !lost.is_empty() && forgotten_meanwhile(vault, &l.key)? {
+            let this = report.findings.split_off(first_finding);
+            report.findings.extend(this.into_iter().filter(|f| f.healed_from.is_some()));
+            // A snapshot still listed that shares one of them reads it again.
+            for id in &lost {
+                verdicts.remove(id);
+            }
+            report.forgotten.push(l.key.clone());
+            progress(Progress { done, total });
+            continue;
+        }
+        let lost: Vec<String> = lost.iter().map(ToString::to_string).collect();
         let record = VerifyRecord { version: 1, time: now_unix(), ok: lost.is_empty(), checked, healed, lost };
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
         vault.put_object(&verify_key(l.manifest.volume(), l.manifest.snapshot_id()), &bytes)?;
-        done += l.manifest.chunk_count() as u64;
         progress(Progress { done, total });
     }
     Ok(report)
+}
+
+/// Whether the manifest at `key` is gone from `vault` (forgotten since it was listed).
+fn forgotten_meanwhile(vault: &dyn Vault, key: &str) -> Result<bool, VaultError> {
+    match vault.get_object(key) {
+        Ok(_) => Ok(false),
+        Err(e) if e.is_not_found() => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// Replaces a bad or missing copy of `id` in `vault` with a good one from `others`;
@@ -540,6 +567,7 @@ mod tests {
     use super::*;
     use crate::create::{create_snapshot, Changed, CreateOptions, Source};
     use crate::restore::{export, ExportFormat};
+    use crate::vault::testing::HookedVault;
     use crate::vault::LocalVault;
     use rand::{Rng, SeedableRng};
     use std::collections::HashSet;
@@ -689,6 +717,53 @@ mod tests {
             seen += verify(&key, &b, &[], None, Subset::Slice { n, of: 4 }, &|_| {}).unwrap().checked;
         }
         assert_eq!(seen, ids.len() as u64);
+    }
+
+    /// A snapshot that retention forgets (and GC strips) while verify reads it is
+    /// reported as forgotten, not as lost chunks: the verify passes, records nothing for
+    /// it, and the chunks it shared with a snapshot still listed are checked for that one.
+    #[test]
+    fn a_snapshot_forgotten_during_verify_is_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let a = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
+        let mut data: Vec<u8> = (0..16 * CHUNK).map(|i| (i * 7 % 251) as u8 ^ (i / CHUNK) as u8).collect();
+        let k1 = take(&key, &a, "db", &data, None);
+        let m1 = read_manifest(&a, &k1, Some(&key)).unwrap();
+        for chunk in 0..8 {
+            data[chunk * CHUNK] ^= 0xff;
+        }
+        take(&key, &a, "db", &data, Some((&m1, (0..8).collect())));
+        // The one listed first is verified first: it is forgotten under the verify.
+        let (listed, _) = list_snapshots(&a, None, Some(&key)).unwrap();
+        let (victim, survivor) = (listed[0].key.clone(), listed[1].key.clone());
+        let kept: HashSet<ChunkId> = distinct_chunks(&listed[1].manifest).into_iter().collect();
+        let only_victims: Vec<ChunkId> =
+            distinct_chunks(&listed[0].manifest).into_iter().filter(|id| !kept.contains(id)).collect();
+        assert_eq!(only_victims.len(), 8);
+        drop(listed);
+        // At the first chunk read, retention forgets it and GC takes the chunks only it used.
+        let first_read = std::sync::Once::new();
+        let doomed = victim.clone();
+        let racing = HookedVault::new(
+            a,
+            Box::new(move |vault, _| {
+                first_read.call_once(|| {
+                    assert!(forget(vault, &doomed).unwrap());
+                    for id in &only_victims {
+                        assert!(vault.store().remove(id).unwrap());
+                    }
+                })
+            }),
+        );
+        let report = verify(&key, &racing, &[], None, Subset::All, &|_| {}).unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert!(report.findings.is_empty(), "{report:?}");
+        assert_eq!(report.forgotten, std::slice::from_ref(&victim));
+        let record = |k: &str| verify_record(&racing.inner, "db", snapshot_id_of(k)).unwrap();
+        assert!(record(&victim).is_none(), "no record for a forgotten snapshot");
+        let record = record(&survivor).unwrap();
+        assert!(record.ok && record.checked == 16, "{record:?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod remote_vault;
 mod s3_vault;
 mod sigkill;
 mod snapshot;
+mod snapshot_acceptance;
 mod snapshot_group;
 mod snapshot_group_standby;
 mod snapshot_postgres;

@@ -8,25 +8,20 @@
 //! durable puts; and garbage on raw QUIC streams neither crashes the server nor disturbs a
 //! good client.
 
-use std::io::Read as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use keel_net::quic::{self, create_ca, issue_cert, Identity, TlsFiles, TransportConfig, CA_VALIDITY, NODE_VALIDITY};
 use keel_snapshot::vault::wire::{self, Direction, ErrorCode, Request, Response, Version};
 use keel_snapshot::vault::{RemoteVault, RemoteVaultConfig, Vault, VaultError};
-use keel_tests::cmd::{strip_ansi, wait_for};
-use keel_tests::daemon::workspace_bin;
+use keel_tests::cmd::wait_for;
 use keel_tests::vault_conformance::{self, sample_chunks};
+use keel_tests::vault_server::{VaultProcess, VaultTls};
 
 /// The vault server's node name (its certificate's DNS name).
 const SERVER: &str = "vault-1";
-/// How long the server may take to start listening.
-const START: Duration = Duration::from_secs(30);
 /// A vault that is down must fail at least this fast: the client's QUIC idle timeout (1 s)
 /// on the dead connection, then one connect attempt (at most 3 s).
 const DOWN_FAILS_WITHIN: Duration = Duration::from_secs(6);
@@ -86,13 +81,12 @@ impl Certs {
     }
 }
 
-/// A `keel vault` process in a temporary directory, killed when dropped.
+/// A `keel vault` process in a temporary directory with [`TENANTS`] and certificates from
+/// a test CA, killed when dropped.
 struct VaultServer {
-    dir: tempfile::TempDir,
+    process: VaultProcess,
     certs: Certs,
-    child: Option<Child>,
-    addr: Option<SocketAddr>,
-    starts: u32,
+    _dir: tempfile::TempDir,
 }
 
 impl VaultServer {
@@ -101,86 +95,10 @@ impl VaultServer {
     fn start() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("keel-vault-test-").tempdir()?;
         let certs = Certs::create(dir.path())?;
-        let mut server = Self { dir, certs, child: None, addr: None, starts: 0 };
-        server.restart()?;
-        Ok(server)
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.addr.expect("started once")
-    }
-
-    fn log(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(self.dir.path().join("vault.log")).unwrap_or_default())
-    }
-
-    /// Starts the server (again), on the address it had before if it had one.
-    fn restart(&mut self) -> Result<()> {
-        if self.child.is_some() {
-            bail!("the vault is already running");
-        }
-        let listen = self.addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("address"));
-        let files = self.certs.files(SERVER);
-        let mut config = format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            self.dir.path().join("data").display(),
-            files.ca_cert.display(),
-            files.cert.display(),
-            files.key.display(),
-        );
-        for (name, nodes) in TENANTS {
-            config.push_str(&format!("\n[[tenant]]\nname = \"{name}\"\nnodes = {nodes:?}\n"));
-        }
-        let config_path = self.dir.path().join("vault.toml");
-        std::fs::write(&config_path, config)?;
-
-        self.starts += 1;
-        let stdout_path = self.dir.path().join(format!("stdout-{}", self.starts));
-        let stdout = std::fs::File::create(&stdout_path)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("vault.log"))?;
-        let child = Command::new(workspace_bin("keel"))
-            .arg("vault")
-            .arg("--config")
-            .arg(&config_path)
-            .env("KEEL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log)
-            .spawn()
-            .context("spawn keel vault")?;
-        self.child = Some(child);
-        let addr = wait_for("keel vault to listen", START, || {
-            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
-                self.child = None;
-                bail!("keel vault exited with {status} before listening:\n{}", self.log());
-            }
-            let mut line = String::new();
-            std::fs::File::open(&stdout_path)?.read_to_string(&mut line)?;
-            Ok(line.split_once(" listening on ").and_then(|(_, addr)| addr.trim().parse::<SocketAddr>().ok()))
-        })?;
-        self.addr = Some(addr);
-        Ok(())
-    }
-
-    /// SIGTERM and wait: returns whether it exited successfully.
-    fn stop(&mut self) -> Result<bool> {
-        let Some(mut child) = self.child.take() else { return Ok(true) };
-        // SAFETY: kill(2) only reads its arguments; the child is ours and not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        Ok(child.wait()?.success())
-    }
-
-    /// SIGKILL: a crash.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Whether the process is still running.
-    fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+        let files = certs.files(SERVER);
+        let tls = VaultTls { ca_cert: files.ca_cert, cert: files.cert, key: files.key };
+        let process = VaultProcess::start(dir.path(), None, tls, TENANTS)?;
+        Ok(Self { process, certs, _dir: dir })
     }
 
     fn client(&self, node: &str, tenant: &str) -> RemoteVault {
@@ -193,9 +111,17 @@ impl VaultServer {
     }
 }
 
-impl Drop for VaultServer {
-    fn drop(&mut self) {
-        self.kill9();
+impl std::ops::Deref for VaultServer {
+    type Target = VaultProcess;
+
+    fn deref(&self) -> &VaultProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for VaultServer {
+    fn deref_mut(&mut self) -> &mut VaultProcess {
+        &mut self.process
     }
 }
 

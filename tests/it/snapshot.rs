@@ -350,24 +350,13 @@ threads = 2
 [snapshots.retention]
 keep_last = 1
 
-[[snapshots.vault]]
-kind = "s3"
-name = "garage"
-endpoint = "{}"
-region = "garage"
-bucket = "{}"
-access_key_id = "{}"
-secret_access_key = "{}"
-
+{}
 [[snapshots.vault]]
 kind = "dir"
 name = "dc3"
 path = "{{dir}}/vault-dc3"
 "#,
-        garage.endpoint(),
-        garage.bucket,
-        garage.key_id,
-        garage.secret
+        garage.vault_section("garage")
     );
     let mut daemon = Daemon::configure(&[("db", "16MiB")], "posix", &extra).unwrap();
     keel(&daemon, &["snapshot", "key-init"]);

@@ -5,8 +5,8 @@
 //! cleanly, and `pg_checksums --check` and `e2fsck -fn` pass.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use keel_tests::cmd::{run_ok, wait_for};
 use keel_tests::mount::{machine_lock, unavailable, Stack};
@@ -36,53 +36,16 @@ fn postgres_snapshot_under_pgbench_restores_to_a_working_database() {
     }
 
     // --- the live database ---------------------------------------------------------------
-    let mut stack = Stack::attach(&live_dir, &daemon.uri("pg"), SIZE).unwrap();
-    stack.mkfs().unwrap();
-    let root = stack.mount().unwrap();
-    chmod(&root, 0o755);
-    let pgdata = initdb(&pg, work.path(), &root);
-    let mut conf = std::fs::OpenOptions::new().append(true).open(pgdata.join("postgresql.conf")).unwrap();
-    conf.write_all(b"\nlisten_addresses = ''\nmin_wal_size = 32MB\nmax_wal_size = 128MB\n").unwrap();
-    drop(conf);
-    // A snapshot is crash-consistent: it holds what was made durable, and an unsynced
-    // append may read back as zeros (ext4 commits the new size before the data). So, like
-    // any administrator editing a config before a crash could hit, sync it.
-    run_ok(Command::new("sync").arg("-f").arg(&root), STEP_TIMEOUT).unwrap();
-    let sock = live_dir.join("sock");
-    std::fs::create_dir(&sock).unwrap();
-    pg.chown(&sock);
-    let port = free_port();
-    let mut postmaster = Postmaster::start(&pg, work.path(), &pgdata, &sock, port, &live_dir).unwrap();
-    let db = Db { pg: pg.clone(), sock: sock.clone(), port, cwd: work.path().to_path_buf() };
-    db.psql("postgres", &format!("CREATE DATABASE {DATABASE}")).unwrap();
-    let pgbench = |args: &[&str]| {
-        let mut cmd = pg.command(work.path(), &pg_bin("pgbench"));
-        cmd.arg("-h").arg(&sock).args(["-p", &port.to_string()]).args(args).arg(DATABASE);
-        cmd
-    };
-    run_ok(&mut pgbench(&["-i", "-q", "-s", "4"]), STEP_TIMEOUT).unwrap();
-    let log = std::fs::File::create(work.path().join("pgbench.log")).unwrap();
-    let mut load = pgbench(&["-c", "4", "-j", "2", "-T", "20", "-n"])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut live = LiveDatabase::start(&pg, work.path(), &live_dir, &daemon.uri("pg"), SIZE, SCALE);
+    let mut load = live.pgbench(&["-c", "4", "-j", "2", "-T", "20", "-n"]);
     // Snapshot in the middle of the load, once it has committed something.
-    let history =
-        |db: &Db| -> u64 { db.psql(DATABASE, "SELECT count(*) FROM pgbench_history").unwrap().trim().parse().unwrap() };
-    wait_for("pgbench to commit", STEP_TIMEOUT, || Ok((history(&db) > 100).then_some(()))).unwrap();
+    wait_for("pgbench to commit", STEP_TIMEOUT, || Ok((history(&live.db) > 100).then_some(()))).unwrap();
     let details = create(&daemon, "pg");
-    let committed_before = history(&db);
+    let committed_before = history(&live.db);
     let id = details["snapshot"].as_str().unwrap().to_owned();
     eprintln!("snapshot of the live database: {details}");
-    assert!(
-        load.wait().unwrap().success(),
-        "pgbench failed: {}",
-        std::fs::read_to_string(work.path().join("pgbench.log")).unwrap()
-    );
-    assert!(postmaster.stop_fast(), "postgres did not stop cleanly");
-    stack.teardown().unwrap();
+    assert!(load.wait().unwrap().success(), "pgbench failed: {}", live.pgbench_log());
+    live.stop();
 
     // --- restore into a new volume and start PostgreSQL on it ------------------------------
     keel(&daemon, &["snapshot", "restore", &id, "--to-volume", "pg-restored"]);
@@ -90,26 +53,104 @@ fn postgres_snapshot_under_pgbench_restores_to_a_working_database() {
     daemon.restart().unwrap();
     let mut stack = Stack::attach(&restored_dir, &daemon.uri("pg-restored"), SIZE).unwrap();
     let root = stack.mount().unwrap();
-    let pgdata = root.join("pgdata");
-    let sock = restored_dir.join("sock");
-    std::fs::create_dir(&sock).unwrap();
-    pg.chown(&sock);
-    let port = free_port();
-    let mut postmaster = Postmaster::start(&pg, work.path(), &pgdata, &sock, port, &restored_dir).unwrap();
-    let db = Db { pg: pg.clone(), sock, port, cwd: work.path().to_path_buf() };
-    let restored = history(&db);
-    let accounts: u64 = db.psql(DATABASE, "SELECT count(*) FROM pgbench_accounts").unwrap().trim().parse().unwrap();
-    assert_eq!(accounts, 400_000);
+    let restored = check_restored(&pg, work.path(), &root.join("pgdata"), &restored_dir);
     assert!(
         restored > 100 && restored <= committed_before,
         "history rows {restored}, committed by the snapshot's end {committed_before}"
     );
-    db.amcheck().unwrap();
-    assert!(postmaster.stop_fast(), "restored postgres did not stop cleanly");
-    let checksums =
-        pg.run_ok(work.path(), Command::new(pg_bin("pg_checksums")).arg("--check").arg("-D").arg(&pgdata)).unwrap();
-    eprintln!("{}", checksums.stdout);
     stack.unmount().unwrap();
     stack.fsck().unwrap();
     stack.teardown().unwrap();
+}
+
+/// pgbench's scale: 100 000 accounts each.
+pub(crate) const SCALE: u64 = 4;
+
+/// Rows in `pgbench_history`: transactions committed.
+pub(crate) fn history(db: &Db) -> u64 {
+    db.psql(DATABASE, "SELECT count(*) FROM pgbench_history").unwrap().trim().parse().unwrap()
+}
+
+/// A customer's database: PostgreSQL 15 with data checksums on a fresh ext4 on a Keel
+/// volume (nbdfuse + loop, files in `dir`), its `pgbench` tables initialized.
+pub(crate) struct LiveDatabase {
+    // Dropped in this order on a failure: PostgreSQL killed before the unmount.
+    postmaster: Postmaster,
+    stack: Option<Stack>,
+    pub(crate) db: Db,
+    pg: PgUser,
+    work: PathBuf,
+}
+
+impl LiveDatabase {
+    /// Makes the filesystem on the volume at `uri`, runs initdb on it, starts PostgreSQL
+    /// and creates the pgbench tables at `scale`.
+    pub(crate) fn start(pg: &PgUser, work: &Path, dir: &Path, uri: &str, size: u64, scale: u64) -> Self {
+        let mut stack = Stack::attach(dir, uri, size).unwrap();
+        stack.mkfs().unwrap();
+        let root = stack.mount().unwrap();
+        chmod(&root, 0o755);
+        let pgdata = initdb(pg, work, &root);
+        let mut conf = std::fs::OpenOptions::new().append(true).open(pgdata.join("postgresql.conf")).unwrap();
+        conf.write_all(b"\nlisten_addresses = ''\nmin_wal_size = 32MB\nmax_wal_size = 128MB\n").unwrap();
+        drop(conf);
+        // A snapshot is crash-consistent: it holds what was made durable, and an unsynced
+        // append may read back as zeros (ext4 commits the new size before the data). So,
+        // like any administrator editing a config before a crash could hit, sync it.
+        run_ok(Command::new("sync").arg("-f").arg(&root), STEP_TIMEOUT).unwrap();
+        let sock = dir.join("sock");
+        std::fs::create_dir(&sock).unwrap();
+        pg.chown(&sock);
+        let port = free_port();
+        let postmaster = Postmaster::start(pg, work, &pgdata, &sock, port, dir).unwrap();
+        let db = Db { pg: pg.clone(), sock, port, cwd: work.to_path_buf() };
+        db.psql("postgres", &format!("CREATE DATABASE {DATABASE}")).unwrap();
+        let live = Self { postmaster, stack: Some(stack), db, pg: pg.clone(), work: work.to_path_buf() };
+        let scale = scale.to_string();
+        run_ok(&mut live.pgbench_command(&["-i", "-q", "-s", &scale]), STEP_TIMEOUT).unwrap();
+        live
+    }
+
+    fn pgbench_command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.pg.command(&self.work, &pg_bin("pgbench"));
+        cmd.arg("-h").arg(&self.db.sock).args(["-p", &self.db.port.to_string()]).args(args).arg(DATABASE);
+        cmd
+    }
+
+    /// Starts `pgbench ARGS` in the background, its output in `pgbench.log`.
+    pub(crate) fn pgbench(&self, args: &[&str]) -> Child {
+        let log = std::fs::File::create(self.work.join("pgbench.log")).unwrap();
+        self.pgbench_command(args).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap()
+    }
+
+    pub(crate) fn pgbench_log(&self) -> String {
+        std::fs::read_to_string(self.work.join("pgbench.log")).unwrap_or_default()
+    }
+
+    /// Stops PostgreSQL cleanly and unmounts the volume.
+    pub(crate) fn stop(&mut self) {
+        assert!(self.postmaster.stop_fast(), "postgres did not stop cleanly");
+        self.stack.take().expect("running").teardown().unwrap();
+    }
+}
+
+/// Starts PostgreSQL on a restored data directory (crash recovery from a crash-consistent
+/// image, its log in `dir`) and checks the database: every pgbench account is there,
+/// `pg_amcheck` passes, it stops cleanly and `pg_checksums --check` passes. Returns the
+/// `pgbench_history` rows it holds.
+pub(crate) fn check_restored(pg: &PgUser, work: &Path, pgdata: &Path, dir: &Path) -> u64 {
+    let sock = dir.join("sock");
+    std::fs::create_dir(&sock).unwrap();
+    pg.chown(&sock);
+    let port = free_port();
+    let mut postmaster = Postmaster::start(pg, work, pgdata, &sock, port, dir).unwrap();
+    let db = Db { pg: pg.clone(), sock, port, cwd: work.to_path_buf() };
+    let restored = history(&db);
+    let accounts: u64 = db.psql(DATABASE, "SELECT count(*) FROM pgbench_accounts").unwrap().trim().parse().unwrap();
+    assert_eq!(accounts, 100_000 * SCALE);
+    db.amcheck().unwrap();
+    assert!(postmaster.stop_fast(), "restored postgres did not stop cleanly");
+    let checksums = pg.run_ok(work, Command::new(pg_bin("pg_checksums")).arg("--check").arg("-D").arg(pgdata)).unwrap();
+    eprintln!("{}", checksums.stdout);
+    restored
 }

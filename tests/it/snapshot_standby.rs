@@ -62,21 +62,35 @@ impl Keys {
         Self { dir }
     }
 
-    /// `[snapshots]` for node `node`, with `extra` lines. `{node}` in them is replaced by
-    /// the node's index.
-    fn section(&self, node: usize, extra: &str) -> String {
+    /// `[snapshots]` for node `node`: the tenant and its key, 64 KiB chunks, then
+    /// `settings` and `extra` lines. `{node}` in `extra` is replaced by the node's index.
+    fn section(&self, node: usize, settings: &str, extra: &str) -> String {
         let key = self.dir.path().join(format!("node-{node}.key"));
         format!(
-            "[snapshots]\ntenant = \"acme\"\nkey_file = \"{}\"\nchunk_size = \"64K\"\nmin_copies = 0\nthreads = 1\n{}\n",
+            "[snapshots]\ntenant = \"acme\"\nkey_file = \"{}\"\nchunk_size = \"64K\"\n{settings}\n{}\n",
             key.display(),
             extra.replace("{node}", &node.to_string())
         )
     }
 
+    /// A pair with `volumes` whose nodes keep snapshots in their repos only (no vault
+    /// copies required) on one sealing thread, with `extra` `[snapshots]` lines.
     pub(crate) fn options(&self, volumes: &[(&str, &str)], network: Network, extra: &str) -> ClusterOptions {
+        self.options_with(volumes, network, "min_copies = 0\nthreads = 1", extra)
+    }
+
+    /// [`Keys::options`] with other `[snapshots]` settings than its `min_copies` and
+    /// `threads`.
+    pub(crate) fn options_with(
+        &self,
+        volumes: &[(&str, &str)],
+        network: Network,
+        settings: &str,
+        extra: &str,
+    ) -> ClusterOptions {
         ClusterOptions {
             volumes: volumes.iter().map(|(name, size)| (name.to_string(), size.to_string())).collect(),
-            node_extra: [self.section(0, extra), self.section(1, extra)],
+            node_extra: [self.section(0, settings, extra), self.section(1, settings, extra)],
             network,
             ..ClusterOptions::default()
         }

@@ -133,6 +133,17 @@ impl Garage {
         format!("http://127.0.0.1:{}", self.s3_port)
     }
 
+    /// A node config's `[[snapshots.vault]]` table for this cluster's bucket, named `name`.
+    pub fn vault_section(&self, name: &str) -> String {
+        format!(
+            "[[snapshots.vault]]\nkind = \"s3\"\nname = \"{name}\"\nendpoint = \"{}\"\nregion = \"{REGION}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            self.endpoint(),
+            self.bucket,
+            self.key_id,
+            self.secret
+        )
+    }
+
     /// The cluster's directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -12,4 +12,5 @@ pub mod netns;
 pub mod prefix;
 pub mod proxy;
 pub mod vault_conformance;
+pub mod vault_server;
 pub mod workload;

@@ -718,7 +718,8 @@ fn verify_cmd(repo: &Repo, vault: &str, volume: Option<&str>, subset: Option<&st
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({ "vault": vault, "snapshots": report.snapshots,
-            "checked": report.checked, "ok": report.ok(), "findings": findings, "bad_manifests": report.bad_manifests }))?
+            "checked": report.checked, "ok": report.ok(), "findings": findings, "bad_manifests": report.bad_manifests,
+            "forgotten": report.forgotten }))?
         );
     } else {
         println!("vault {vault}: {} snapshots, {} distinct chunks checked", report.snapshots, report.checked);
@@ -730,6 +731,9 @@ fn verify_cmd(repo: &Repo, vault: &str, volume: Option<&str>, subset: Option<&st
         }
         for m in &report.bad_manifests {
             println!("BAD     {m}");
+        }
+        for key in &report.forgotten {
+            println!("GONE    {key}: forgotten while it was verified (its chunks may be gone too)");
         }
         println!("{}", if report.ok() { "ok" } else { "FAILED: data is damaged, see above" });
     }

@@ -461,7 +461,8 @@ mod tests {
 
     use keel_snapshot::create::{create_snapshot, Changed, CreateOptions, Source};
     use keel_snapshot::maintain::{copy_snapshot, distinct_chunks, read_manifest};
-    use keel_snapshot::vault::{ChunkEntry, LocalVault, ObjectEntry, Put, VaultError};
+    use keel_snapshot::vault::testing::HookedVault;
+    use keel_snapshot::vault::LocalVault;
 
     use super::*;
 
@@ -477,49 +478,6 @@ mod tests {
             let start = offset as usize;
             buf.copy_from_slice(&self.0[start..start + buf.len()]);
             Ok(())
-        }
-    }
-
-    /// A vault that counts chunk reads.
-    #[derive(Debug)]
-    struct Counting {
-        inner: LocalVault,
-        gets: AtomicUsize,
-    }
-
-    impl Vault for Counting {
-        fn name(&self) -> &str {
-            self.inner.name()
-        }
-        fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<Put, VaultError> {
-            self.inner.put_chunk(id, frame)
-        }
-        fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, VaultError> {
-            self.gets.fetch_add(1, Ordering::Relaxed);
-            // Slow enough that concurrent readers of one chunk overlap.
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            self.inner.get_chunk(id)
-        }
-        fn has_chunk(&self, id: &ChunkId) -> Result<bool, VaultError> {
-            self.inner.has_chunk(id)
-        }
-        fn delete_chunk(&self, id: &ChunkId) -> Result<bool, VaultError> {
-            self.inner.delete_chunk(id)
-        }
-        fn list_chunks(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkEntry>, VaultError> {
-            self.inner.list_chunks(after, limit)
-        }
-        fn put_object(&self, key: &str, bytes: &[u8]) -> Result<(), VaultError> {
-            self.inner.put_object(key, bytes)
-        }
-        fn get_object(&self, key: &str) -> Result<Vec<u8>, VaultError> {
-            self.inner.get_object(key)
-        }
-        fn delete_object(&self, key: &str) -> Result<bool, VaultError> {
-            self.inner.delete_object(key)
-        }
-        fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectEntry>, VaultError> {
-            self.inner.list_objects(prefix)
         }
     }
 
@@ -546,7 +504,9 @@ mod tests {
         _dir: tempfile::TempDir,
         key: TenantKey,
         data: Vec<u8>,
-        first: Arc<Counting>,
+        first: Arc<HookedVault>,
+        /// Chunk reads from `first`.
+        gets: Arc<AtomicUsize>,
         second: Arc<LocalVault>,
         manifest_key: String,
     }
@@ -554,10 +514,16 @@ mod tests {
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let key = TenantKey::from_bytes([3; 32]);
-        let first = Arc::new(Counting {
-            inner: LocalVault::open("repo", dir.path().join("repo"), "acme").unwrap(),
-            gets: AtomicUsize::new(0),
-        });
+        let gets = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&gets);
+        let first = Arc::new(HookedVault::new(
+            LocalVault::open("repo", dir.path().join("repo"), "acme").unwrap(),
+            Box::new(move |_, _| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                // Slow enough that concurrent readers of one chunk overlap.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }),
+        ));
         let second = Arc::new(LocalVault::open("dc2", dir.path().join("dc2"), "acme").unwrap());
         let data = image();
         let options = CreateOptions {
@@ -583,8 +549,8 @@ mod tests {
         )
         .unwrap();
         copy_snapshot(&key, &first.inner, second.as_ref(), &report.manifest_key, "test", &|_| {}).unwrap();
-        first.gets.store(0, Ordering::Relaxed);
-        Fixture { _dir: dir, key, data, first, second, manifest_key: report.manifest_key }
+        gets.store(0, Ordering::Relaxed);
+        Fixture { _dir: dir, key, data, first, gets, second, manifest_key: report.manifest_key }
     }
 
     impl Fixture {
@@ -652,7 +618,7 @@ mod tests {
         assert_eq!(err.kind(), ExportErrorKind::InvalidArgument, "{err}");
         // Holes are never fetched; the duplicate chunk is fetched once.
         let data_chunks = distinct_chunks(export.manifest()).len();
-        assert_eq!(f.first.gets.load(Ordering::Relaxed), data_chunks);
+        assert_eq!(f.gets.load(Ordering::Relaxed), data_chunks);
     }
 
     #[test]
@@ -695,7 +661,7 @@ mod tests {
         for piece in 0..8 {
             read(&export, piece * 512, 512).unwrap();
         }
-        assert_eq!(f.first.gets.load(Ordering::Relaxed), 1);
+        assert_eq!(f.gets.load(Ordering::Relaxed), 1);
         // A full pass evicts down to the bound at every step.
         for index in 0..25u64 {
             read(&export, index * CHUNK as u64, 512).unwrap();
@@ -703,11 +669,11 @@ mod tests {
             assert!(bytes <= 3 * CHUNK as u64 && chunks <= 3, "{bytes} bytes in {chunks} chunks");
         }
         // The three most recently used data chunks (22, 23 and the tail, 24) stay.
-        let before = f.first.gets.load(Ordering::Relaxed);
+        let before = f.gets.load(Ordering::Relaxed);
         read(&export, 23 * CHUNK as u64, 512).unwrap();
-        assert_eq!(f.first.gets.load(Ordering::Relaxed), before, "chunk 23 was evicted");
+        assert_eq!(f.gets.load(Ordering::Relaxed), before, "chunk 23 was evicted");
         read(&export, 0, 512).unwrap();
-        assert_eq!(f.first.gets.load(Ordering::Relaxed), before + 1, "chunk 0 was not evicted");
+        assert_eq!(f.gets.load(Ordering::Relaxed), before + 1, "chunk 0 was not evicted");
         // A disabled cache keeps nothing and still reads right.
         let uncached = f.export(f.both()).with_cache_bytes(0);
         assert!(read(&uncached, 0, 2 * CHUNK).unwrap() == f.data[..2 * CHUNK]);
@@ -728,7 +694,7 @@ mod tests {
                 });
             }
         });
-        assert_eq!(f.first.gets.load(Ordering::Relaxed), 1);
+        assert_eq!(f.gets.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -758,9 +724,9 @@ mod tests {
             assert!(err.message().contains(&part), "{part:?} not in {err}");
         }
         assert!(read(&export, 6 * CHUNK as u64, CHUNK).unwrap() == f.data[6 * CHUNK..7 * CHUNK]);
-        let gets = f.first.gets.load(Ordering::Relaxed);
+        let gets = f.gets.load(Ordering::Relaxed);
         assert!(read(&export, 7 * CHUNK as u64, 512).is_err());
-        assert_eq!(f.first.gets.load(Ordering::Relaxed), gets + 1, "a failed fetch is not cached");
+        assert_eq!(f.gets.load(Ordering::Relaxed), gets + 1, "a failed fetch is not cached");
         // No vault at all: an error too.
         let none = f.export(Vec::new());
         assert_eq!(read(&none, 0, 512).unwrap_err().kind(), ExportErrorKind::Io);

@@ -33,6 +33,9 @@ pub use local::LocalVault;
 pub use remote::{RemoteVault, RemoteVaultConfig};
 pub use s3::{S3Addressing, S3Config, S3Credentials, S3Vault};
 
+/// Test support: a vault with a hook on chunk reads.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod wire;
 
 /// A chunk as listed by [`Vault::list_chunks`].
