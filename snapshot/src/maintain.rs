@@ -344,46 +344,29 @@ pub fn verify(
     let total: u64 = listed.iter().map(|l| l.manifest.chunk_count() as u64).sum();
     let mut done = 0u64;
     for l in &listed {
-        let mut checked = 0u64;
+        let ids: Vec<ChunkId> = distinct_chunks(&l.manifest).into_iter().filter(|id| subset.contains(id)).collect();
+        let checked = ids.len() as u64;
         let mut healed = 0u64;
-        let mut lost = Vec::new();
         let first_finding = report.findings.len();
-        for id in distinct_chunks(&l.manifest) {
-            if !subset.contains(&id) {
-                continue;
-            }
-            checked += 1;
-            if let Some(&good) = verdicts.get(&id) {
-                if !good {
-                    lost.push(id);
-                }
-                continue;
-            }
-            report.checked += 1;
-            let problem = match vault.get_chunk(&id) {
-                Ok(frame) => decode_chunk(tenant, &id, &frame).err().map(|e| e.to_string()),
-                Err(e) if e.is_not_found() => Some("missing".to_owned()),
-                // This copy cannot be read (a truncated pack, an entry that is another
-                // chunk, a read error): a finding to heal, not the end of the verify.
-                Err(e @ (VaultError::BadChunk { .. } | VaultError::Store { .. })) => Some(e.to_string()),
-                Err(e) => return Err(e.into()),
-            };
+        // Each chunk is read once per verify: the ones an earlier snapshot settled are not.
+        let unread: Vec<ChunkId> = ids.iter().filter(|id| !verdicts.contains_key(*id)).copied().collect();
+        report.checked += unread.len() as u64;
+        let mut problems = read_chunks(tenant, vault, &unread)?.into_iter().peekable();
+        for (index, id) in unread.iter().enumerate() {
+            let problem = problems.next_if(|(at, _)| *at == index).map(|(_, problem)| problem);
             let good = match problem {
                 None => true,
                 Some(problem) => {
-                    let healed_from = heal(tenant, vault, others, &id)?;
+                    let healed_from = heal(tenant, vault, others, id)?;
+                    healed += u64::from(healed_from.is_some());
                     let ok = healed_from.is_some();
-                    if ok {
-                        healed += 1;
-                    } else {
-                        lost.push(id);
-                    }
-                    report.findings.push(Finding { id, problem, healed_from });
+                    report.findings.push(Finding { id: *id, problem, healed_from });
                     ok
                 }
             };
-            verdicts.insert(id, good);
+            verdicts.insert(*id, good);
         }
+        let lost: Vec<ChunkId> = ids.into_iter().filter(|id| verdicts.get(id) == Some(&false)).collect();
         done += l.manifest.chunk_count() as u64;
         // Chunks a forgotten snapshot no longer holds are garbage, not losses. Asked only
         // when something was lost, so a clean verify costs no extra request.
@@ -405,6 +388,49 @@ pub fn verify(
         progress(Progress { done, total });
     }
     Ok(report)
+}
+
+/// Reads and decodes `ids` from `vault`, [`Vault::reads_in_flight`] at a time (one at a
+/// time, a verify of a network vault waited a round trip per chunk: 49-80 chunks/s from
+/// Garage on loopback, 1655 with 32 in flight); returns the problems found, as (index in
+/// `ids`, problem), in index order. A copy that is missing or cannot be read is a problem to
+/// heal; any other vault error ends the verify.
+fn read_chunks(tenant: &TenantKey, vault: &dyn Vault, ids: &[ChunkId]) -> Result<Vec<(usize, String)>, MaintainError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let found = std::sync::Mutex::new((Vec::new(), None));
+    std::thread::scope(|scope| {
+        for _ in 0..vault.reads_in_flight().min(ids.len()) {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(id) = ids.get(index) else { break };
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let problem = match vault.get_chunk(id) {
+                    Ok(frame) => decode_chunk(tenant, id, &frame).err().map(|e| e.to_string()),
+                    Err(e) if e.is_not_found() => Some("missing".to_owned()),
+                    // This copy cannot be read (a truncated pack, an entry that is another
+                    // chunk, a read error): a finding to heal, not the end of the verify.
+                    Err(e @ (VaultError::BadChunk { .. } | VaultError::Store { .. })) => Some(e.to_string()),
+                    Err(e) => {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        found.lock().unwrap_or_else(|p| p.into_inner()).1.get_or_insert(e);
+                        break;
+                    }
+                };
+                if let Some(problem) = problem {
+                    found.lock().unwrap_or_else(|p| p.into_inner()).0.push((index, problem));
+                }
+            });
+        }
+    });
+    let (mut problems, error) = found.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(error) = error {
+        return Err(error.into());
+    }
+    problems.sort_unstable_by_key(|(index, _)| *index);
+    Ok(problems)
 }
 
 /// Whether the manifest at `key` is gone from `vault` (forgotten since it was listed).
@@ -764,6 +790,39 @@ mod tests {
         assert!(record(&victim).is_none(), "no record for a forgotten snapshot");
         let record = record(&survivor).unwrap();
         assert!(record.ok && record.checked == 16, "{record:?}");
+    }
+
+    /// Verify keeps several reads in flight (a remote vault's round trips overlap) and still
+    /// names each bad chunk once, in order.
+    #[test]
+    fn verify_reads_in_parallel() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let a = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
+        let data: Vec<u8> = (0..64 * CHUNK).map(|i| (i * 11 % 253) as u8 ^ (i / CHUNK) as u8).collect();
+        let k1 = take(&key, &a, "db", &data, None);
+        let ids = distinct_chunks(&read_manifest(&a, &k1, Some(&key)).unwrap());
+        for id in [&ids[5], &ids[40]] {
+            assert!(a.store().remove(id).unwrap());
+        }
+        let (in_flight, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (now, peak) = (Arc::clone(&in_flight), Arc::clone(&most));
+        let slow = HookedVault::new(
+            a,
+            Box::new(move |_, _| {
+                peak.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                now.fetch_sub(1, Ordering::SeqCst);
+            }),
+        );
+        let report = verify(&key, &slow, &[], None, Subset::All, &|_| {}).unwrap();
+        assert!(most.load(Ordering::SeqCst) > 1, "one read at a time");
+        assert_eq!(report.checked, 64);
+        let named: Vec<ChunkId> = report.findings.iter().map(|f| f.id).collect();
+        assert_eq!(named, [ids[5], ids[40]], "{report:?}");
+        assert!(!report.ok());
     }
 
     #[test]

@@ -110,9 +110,9 @@ pub enum SnapshotCommand {
         /// Read from this vault first (default "local"; the others are fallbacks).
         #[arg(long, default_value = "local")]
         vault: String,
-        /// Parallel chunk fetches.
-        #[arg(long, default_value_t = 8)]
-        threads: usize,
+        /// Parallel chunk fetches (default: 8 from a local vault, 32 over the network).
+        #[arg(long)]
+        threads: Option<usize>,
         /// The node's config file.
         #[arg(long)]
         config: PathBuf,
@@ -540,12 +540,13 @@ fn restore_cmd(
     to_file: Option<PathBuf>,
     to_device: Option<PathBuf>,
     to_volume: Option<String>,
-    threads: usize,
+    threads: Option<usize>,
 ) -> Result<()> {
     let found = repo.find(&*repo.vault(vault)?, spec)?;
     let m = &found.manifest;
     let vaults = ordered_vaults(repo, vault)?;
     let refs: Vec<&dyn Vault> = vaults.iter().map(|v| &**v).collect();
+    let threads = threads.unwrap_or_else(|| vaults[0].reads_in_flight()).max(1);
     let bar = ProgressBar::new("restore", "bytes");
     let started = Instant::now();
     let report = if let Some(path) = to_file {
@@ -634,11 +635,12 @@ fn export_cmd(repo: &Repo, vault: &str, spec: &str, output: &std::path::Path, fo
     let found = repo.find(&*repo.vault(vault)?, spec)?;
     let vaults = ordered_vaults(repo, vault)?;
     let refs: Vec<&dyn Vault> = vaults.iter().map(|v| &**v).collect();
+    let threads = vaults[0].reads_in_flight();
     let bar = ProgressBar::new("export", "bytes");
     let report = if output.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout);
-        restore::export(&repo.key, &refs, &found.manifest, &mut out, format, 8, &|p| bar.update(p))?
+        restore::export(&repo.key, &refs, &found.manifest, &mut out, format, threads, &|p| bar.update(p))?
     } else {
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -646,7 +648,7 @@ fn export_cmd(repo: &Repo, vault: &str, spec: &str, output: &std::path::Path, fo
             .open(output)
             .with_context(|| format!("create {} (it must not exist)", output.display()))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let report = restore::export(&repo.key, &refs, &found.manifest, &mut out, format, 8, &|p| bar.update(p))?;
+        let report = restore::export(&repo.key, &refs, &found.manifest, &mut out, format, threads, &|p| bar.update(p))?;
         let file = out.into_inner().map_err(|e| anyhow!("flush {}: {}", output.display(), e.error()))?;
         file.sync_all().with_context(|| format!("fsync {}", output.display()))?;
         report

@@ -320,6 +320,10 @@ impl Vault for RemoteVault {
         &self.name
     }
 
+    fn reads_in_flight(&self) -> usize {
+        super::NETWORK_READS_IN_FLIGHT
+    }
+
     fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<Put, VaultError> {
         crate::check_frame(frame).map_err(|source| VaultError::BadChunk {
             vault: self.name.clone(),

@@ -54,6 +54,9 @@ impl Vault for HookedVault {
     fn delete_chunk(&self, id: &ChunkId) -> Result<bool, VaultError> {
         self.inner.delete_chunk(id)
     }
+    fn reads_in_flight(&self) -> usize {
+        self.inner.reads_in_flight()
+    }
     fn reclaim(&self) -> Result<u64, VaultError> {
         self.inner.reclaim()
     }
