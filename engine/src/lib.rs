@@ -46,7 +46,10 @@ pub use durable::PersistMode;
 pub use error::{Error, Result};
 pub use journal::{list_segments, scan, JournalPosition, ScanEnd, ScanParams, ScannedRecord, SegmentInfo, TornTail};
 pub use replica::{RecordSink, ReplicaRecord, RewindReport};
-pub use storage::{AlignedBuf, Env, Extent, IoBackend, OpenMode, PosixEnv, Storage, UncachedReader, DIRECT_ALIGN};
+pub use storage::{
+    reopen_direct_for_writing, AlignedBuf, Env, Extent, IoBackend, OpenMode, PosixEnv, Storage, UncachedReader,
+    DIRECT_ALIGN,
+};
 pub use volume::{
     FreezeWaiter, Frozen, OpenOptions, RecoveryReport, Volume, VolumeOptions, VolumeStatus, FROZEN_MAX,
     MAX_VOLUME_BYTES, SNAPSHOT_NAME_MAX_BYTES, SUPERBLOCK_FILE,

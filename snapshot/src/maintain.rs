@@ -347,11 +347,21 @@ pub fn verify(
         let ids: Vec<ChunkId> = distinct_chunks(&l.manifest).into_iter().filter(|id| subset.contains(id)).collect();
         let checked = ids.len() as u64;
         let mut healed = 0u64;
-        let first_finding = report.findings.len();
         // Each chunk is read once per verify: the ones an earlier snapshot settled are not.
         let unread: Vec<ChunkId> = ids.iter().filter(|id| !verdicts.contains_key(*id)).copied().collect();
         report.checked += unread.len() as u64;
-        let mut problems = read_chunks(tenant, vault, &unread)?.into_iter().peekable();
+        let problems = read_chunks(tenant, vault, &unread)?;
+        done += l.manifest.chunk_count() as u64;
+        // Retention may have forgotten the snapshot under the verify, and GC taken its
+        // chunks: garbage, not damage, and not to be healed back. Its chunks get no
+        // verdict, so a snapshot still listed that shares one reads it itself.
+        if !problems.is_empty() && forgotten_meanwhile(vault, &l.key) {
+            report.checked -= unread.len() as u64;
+            report.forgotten.push(l.key.clone());
+            progress(Progress { done, total });
+            continue;
+        }
+        let mut problems = problems.into_iter().peekable();
         for (index, id) in unread.iter().enumerate() {
             let problem = problems.next_if(|(at, _)| *at == index).map(|(_, problem)| problem);
             let good = match problem {
@@ -366,22 +376,14 @@ pub fn verify(
             };
             verdicts.insert(*id, good);
         }
-        let lost: Vec<ChunkId> = ids.into_iter().filter(|id| verdicts.get(id) == Some(&false)).collect();
-        done += l.manifest.chunk_count() as u64;
-        // Chunks a forgotten snapshot no longer holds are garbage, not losses. Asked only
-        // when something was lost, so a clean verify costs no extra request.
-        if !lost.is_empty() && forgotten_meanwhile(vault, &l.key)? {
-            let this = report.findings.split_off(first_finding);
-            report.findings.extend(this.into_iter().filter(|f| f.healed_from.is_some()));
-            // A snapshot still listed that shares one of them reads it again.
-            for id in &lost {
-                verdicts.remove(id);
-            }
+        let lost: Vec<String> =
+            ids.iter().filter(|id| verdicts.get(*id) == Some(&false)).map(ToString::to_string).collect();
+        // Forgotten after its chunks were read: no record to leave behind.
+        if forgotten_meanwhile(vault, &l.key) {
             report.forgotten.push(l.key.clone());
             progress(Progress { done, total });
             continue;
         }
-        let lost: Vec<String> = lost.iter().map(ToString::to_string).collect();
         let record = VerifyRecord { version: 1, time: now_unix(), ok: lost.is_empty(), checked, healed, lost };
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
         vault.put_object(&verify_key(l.manifest.volume(), l.manifest.snapshot_id()), &bytes)?;
@@ -433,13 +435,14 @@ fn read_chunks(tenant: &TenantKey, vault: &dyn Vault, ids: &[ChunkId]) -> Result
     Ok(problems)
 }
 
-/// Whether the manifest at `key` is gone from `vault` (forgotten since it was listed).
-fn forgotten_meanwhile(vault: &dyn Vault, key: &str) -> Result<bool, VaultError> {
-    match vault.get_object(key) {
-        Ok(_) => Ok(false),
-        Err(e) if e.is_not_found() => Ok(true),
-        Err(e) => Err(e),
-    }
+/// Whether the snapshot at manifest `key` was forgotten since it was listed: its manifest
+/// is gone while the vault still lists a later snapshot of its volume (retention keeps the
+/// newest). A vault that lost everything, or cannot be listed, has forgotten nothing: its
+/// missing chunks are damage.
+fn forgotten_meanwhile(vault: &dyn Vault, key: &str) -> bool {
+    let Ok(listed) = manifest_keys(vault, Some(volume_of(key))) else { return false };
+    let id = snapshot_id_of(key);
+    !listed.iter().any(|e| e.key == key) && listed.iter().any(|e| snapshot_id_of(&e.key) > id)
 }
 
 /// Replaces a bad or missing copy of `id` in `vault` with a good one from `others`;
@@ -745,51 +748,80 @@ mod tests {
         assert_eq!(seen, ids.len() as u64);
     }
 
-    /// A snapshot that retention forgets (and GC strips) while verify reads it is
-    /// reported as forgotten, not as lost chunks: the verify passes, records nothing for
-    /// it, and the chunks it shared with a snapshot still listed are checked for that one.
+    /// A snapshot that retention forgets (and GC strips) while verify reads it is reported
+    /// as forgotten, not as lost chunks: nothing of it is healed back from the other vault
+    /// (that would upload garbage), no record is written for it, and a chunk it shared with
+    /// the snapshot still listed is checked, and healed, for that one.
     #[test]
     fn a_snapshot_forgotten_during_verify_is_not_damage() {
         let dir = tempfile::tempdir().unwrap();
         let key = TenantKey::from_bytes([8; 32]);
         let a = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
+        let b = LocalVault::open("b", dir.path().join("b"), "t").unwrap();
         let mut data: Vec<u8> = (0..16 * CHUNK).map(|i| (i * 7 % 251) as u8 ^ (i / CHUNK) as u8).collect();
         let k1 = take(&key, &a, "db", &data, None);
         let m1 = read_manifest(&a, &k1, Some(&key)).unwrap();
         for chunk in 0..8 {
             data[chunk * CHUNK] ^= 0xff;
         }
-        take(&key, &a, "db", &data, Some((&m1, (0..8).collect())));
-        // The one listed first is verified first: it is forgotten under the verify.
+        let k2 = take(&key, &a, "db", &data, Some((&m1, (0..8).collect())));
+        for k in [&k1, &k2] {
+            copy_snapshot(&key, &a, &b, k, "n", &|_| {}).unwrap();
+        }
+        // Listed in id order: the first is forgotten under the verify, the later one kept.
         let (listed, _) = list_snapshots(&a, None, Some(&key)).unwrap();
         let (victim, survivor) = (listed[0].key.clone(), listed[1].key.clone());
         let kept: HashSet<ChunkId> = distinct_chunks(&listed[1].manifest).into_iter().collect();
-        let only_victims: Vec<ChunkId> =
-            distinct_chunks(&listed[0].manifest).into_iter().filter(|id| !kept.contains(id)).collect();
+        let (shared, only_victims): (Vec<ChunkId>, Vec<ChunkId>) =
+            distinct_chunks(&listed[0].manifest).into_iter().partition(|id| kept.contains(id));
         assert_eq!(only_victims.len(), 8);
         drop(listed);
-        // At the first chunk read, retention forgets it and GC takes the chunks only it used.
+        // A chunk both use is really damaged.
+        let at = a.store().locate(&shared[2]).unwrap().unwrap();
+        flip_byte(&at.pack, at.offset + 45, 0x80);
+        // At the first chunk read, retention forgets the victim and GC takes its own chunks.
         let first_read = std::sync::Once::new();
-        let doomed = victim.clone();
+        let (doomed, gone) = (victim.clone(), only_victims.clone());
         let racing = HookedVault::new(
             a,
             Box::new(move |vault, _| {
                 first_read.call_once(|| {
                     assert!(forget(vault, &doomed).unwrap());
-                    for id in &only_victims {
+                    for id in &gone {
                         assert!(vault.store().remove(id).unwrap());
                     }
                 })
             }),
         );
-        let report = verify(&key, &racing, &[], None, Subset::All, &|_| {}).unwrap();
+        let report = verify(&key, &racing, &[&b], None, Subset::All, &|_| {}).unwrap();
         assert!(report.ok(), "{report:?}");
-        assert!(report.findings.is_empty(), "{report:?}");
         assert_eq!(report.forgotten, std::slice::from_ref(&victim));
+        let named: Vec<(ChunkId, Option<&str>)> =
+            report.findings.iter().map(|f| (f.id, f.healed_from.as_deref())).collect();
+        assert_eq!(named, [(shared[2], Some("b"))], "only the shared damage, healed for the survivor");
+        for id in &only_victims {
+            assert!(!racing.inner.has_chunk(id).unwrap(), "garbage {id} was healed back");
+        }
         let record = |k: &str| verify_record(&racing.inner, "db", snapshot_id_of(k)).unwrap();
         assert!(record(&victim).is_none(), "no record for a forgotten snapshot");
         let record = record(&survivor).unwrap();
-        assert!(record.ok && record.checked == 16, "{record:?}");
+        assert!(record.ok && record.checked == 16 && record.healed == 1, "{record:?}");
+
+        // A vault that lost every manifest forgot nothing: its missing chunks are damage.
+        let wiped = dir.path().join("wiped");
+        let c = LocalVault::open("c", &wiped, "t").unwrap();
+        copy_snapshot(&key, &b, &c, &survivor, "n", &|_| {}).unwrap();
+        let first_read = std::sync::Once::new();
+        let key_of = survivor.clone();
+        let losing = HookedVault::new(
+            c,
+            Box::new(move |vault, id| {
+                first_read.call_once(|| assert!(forget(vault, &key_of).unwrap()));
+                let _ = vault.store().remove(id);
+            }),
+        );
+        let report = verify(&key, &losing, &[], None, Subset::All, &|_| {}).unwrap();
+        assert!(!report.ok() && report.forgotten.is_empty(), "{report:?}");
     }
 
     /// Verify keeps several reads in flight (a remote vault's round trips overlap) and still

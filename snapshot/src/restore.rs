@@ -16,13 +16,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
-use keel_engine::{AlignedBuf, DIRECT_ALIGN};
+use keel_engine::{reopen_direct_for_writing, AlignedBuf, DIRECT_ALIGN};
 
 use crate::chunk::{decode_chunk, MAX_CHUNK_LEN};
 use crate::create::Progress;
@@ -351,7 +350,12 @@ pub enum ExportFormat {
     },
 }
 
-/// Writes `manifest`'s image to `out` in order, fetching up to `threads` chunks ahead.
+/// Decoded chunks an export may hold ahead of its writer, in bytes (a soft bound: at
+/// least one chunk per fetch thread).
+const EXPORT_WINDOW_BYTES: u64 = 256 << 20;
+
+/// Writes `manifest`'s image to `out` in order, with `threads` fetches in flight and at most
+/// `4 × threads` decoded chunks (about [`EXPORT_WINDOW_BYTES`]) ahead of the writer.
 /// Holes are written as zeros (a stream cannot skip); zstd squeezes them to nothing.
 pub fn export(
     key: &TenantKey,
@@ -392,7 +396,10 @@ fn export_ordered(
     let snapshot = manifest.snapshot_id().to_owned();
     let count = manifest.chunk_count();
     let threads = threads.max(1);
-    let ahead = threads * 4;
+    // Four chunks per thread keep the fetches busy while the writer waits on one, as long
+    // as that is under EXPORT_WINDOW_BYTES; never less than one per thread.
+    let per_window = (EXPORT_WINDOW_BYTES / u64::from(manifest.chunk_size().max(1))) as usize;
+    let ahead = (threads * 4).min(per_window).max(threads);
     let next = AtomicUsize::new(0);
     let written = AtomicUsize::new(0);
     let cancel = AtomicBool::new(false);
@@ -566,7 +573,7 @@ impl FileTarget {
     }
 
     fn new(file: File, path: &Path) -> io::Result<Self> {
-        let direct = direct_unless_refused(reopen_direct(&file)).map_err(|e| {
+        let direct = direct_unless_refused(reopen_direct_for_writing(&file)).map_err(|e| {
             io::Error::new(e.kind(), format!("reopen {} with O_DIRECT through /proc/self/fd: {e}", path.display()))
         })?;
         Ok(FileTarget {
@@ -657,14 +664,6 @@ impl Target for FileTarget {
 
 /// The largest write [`FileTarget::zero`] makes (a batch's bytes).
 const ZEROS_BYTES: usize = BATCH_BYTES as usize;
-
-/// A second, write-only handle on an open file or block device that bypasses the page
-/// cache. Reopens through `/proc/self/fd`, so it is the same inode even if the path was
-/// renamed or replaced in between.
-fn reopen_direct(file: &File) -> io::Result<File> {
-    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path)
-}
 
 /// The direct handle, or `None` when the filesystem refuses `O_DIRECT` (`EINVAL` at open:
 /// no direct I/O in tmpfs before Linux 6.6, some FUSE filesystems). Any other failure (out

@@ -37,14 +37,14 @@ fn postgres_snapshot_under_pgbench_restores_to_a_working_database() {
 
     // --- the live database ---------------------------------------------------------------
     let mut live = LiveDatabase::start(&pg, work.path(), &live_dir, &daemon.uri("pg"), SIZE, SCALE);
-    let mut load = live.pgbench(&["-c", "4", "-j", "2", "-T", "20", "-n"]);
+    live.pgbench(&["-c", "4", "-j", "2", "-T", "20", "-n"]);
     // Snapshot in the middle of the load, once it has committed something.
     wait_for("pgbench to commit", STEP_TIMEOUT, || Ok((history(&live.db) > 100).then_some(()))).unwrap();
     let details = create(&daemon, "pg");
     let committed_before = history(&live.db);
     let id = details["snapshot"].as_str().unwrap().to_owned();
     eprintln!("snapshot of the live database: {details}");
-    assert!(load.wait().unwrap().success(), "pgbench failed: {}", live.pgbench_log());
+    live.wait_pgbench();
     live.stop();
 
     // --- restore into a new volume and start PostgreSQL on it ------------------------------
@@ -74,6 +74,8 @@ pub(crate) fn history(db: &Db) -> u64 {
 /// A customer's database: PostgreSQL 15 with data checksums on a fresh ext4 on a Keel
 /// volume (nbdfuse + loop, files in `dir`), its `pgbench` tables initialized.
 pub(crate) struct LiveDatabase {
+    /// The pgbench run in the background, killed first on a failure.
+    load: Option<Child>,
     // Dropped in this order on a failure: PostgreSQL killed before the unmount.
     postmaster: Postmaster,
     stack: Option<Stack>,
@@ -105,7 +107,7 @@ impl LiveDatabase {
         let postmaster = Postmaster::start(pg, work, &pgdata, &sock, port, dir).unwrap();
         let db = Db { pg: pg.clone(), sock, port, cwd: work.to_path_buf() };
         db.psql("postgres", &format!("CREATE DATABASE {DATABASE}")).unwrap();
-        let live = Self { postmaster, stack: Some(stack), db, pg: pg.clone(), work: work.to_path_buf() };
+        let live = Self { load: None, postmaster, stack: Some(stack), db, pg: pg.clone(), work: work.to_path_buf() };
         let scale = scale.to_string();
         run_ok(&mut live.pgbench_command(&["-i", "-q", "-s", &scale]), STEP_TIMEOUT).unwrap();
         live
@@ -118,19 +120,37 @@ impl LiveDatabase {
     }
 
     /// Starts `pgbench ARGS` in the background, its output in `pgbench.log`.
-    pub(crate) fn pgbench(&self, args: &[&str]) -> Child {
+    pub(crate) fn pgbench(&mut self, args: &[&str]) {
         let log = std::fs::File::create(self.work.join("pgbench.log")).unwrap();
-        self.pgbench_command(args).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap()
+        let mut cmd = self.pgbench_command(args);
+        self.load = Some(cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap());
     }
 
-    pub(crate) fn pgbench_log(&self) -> String {
-        std::fs::read_to_string(self.work.join("pgbench.log")).unwrap_or_default()
+    /// Waits for the background pgbench; panics with its log unless it succeeded.
+    pub(crate) fn wait_pgbench(&mut self) {
+        let status = self.load.take().expect("pgbench started").wait().unwrap();
+        let log = std::fs::read_to_string(self.work.join("pgbench.log")).unwrap_or_default();
+        assert!(status.success(), "pgbench failed: {log}");
+    }
+
+    /// Ends the background pgbench.
+    pub(crate) fn kill_pgbench(&mut self) {
+        if let Some(mut load) = self.load.take() {
+            let _ = load.kill();
+            let _ = load.wait();
+        }
     }
 
     /// Stops PostgreSQL cleanly and unmounts the volume.
     pub(crate) fn stop(&mut self) {
         assert!(self.postmaster.stop_fast(), "postgres did not stop cleanly");
         self.stack.take().expect("running").teardown().unwrap();
+    }
+}
+
+impl Drop for LiveDatabase {
+    fn drop(&mut self) {
+        self.kill_pgbench();
     }
 }
 

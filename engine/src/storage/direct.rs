@@ -167,10 +167,19 @@ pub(crate) fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Resul
 /// removed. `EINVAL` means the filesystem refuses `O_DIRECT` (tmpfs before Linux 6.6,
 /// some FUSE filesystems); other errors may pass (out of file descriptors).
 pub(crate) fn reopen_direct(file: &File) -> io::Result<File> {
-    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    OpenOptions::new().read(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(&path).inspect_err(|e| {
+    reopen_direct_with(file, OpenOptions::new().read(true)).inspect_err(|e| {
         tracing::debug!("O_DIRECT handle refused ({e}); bulk reads go through the page cache");
     })
+}
+
+/// [`reopen_direct`] for writing (a restore's target file or block device).
+pub fn reopen_direct_for_writing(file: &File) -> io::Result<File> {
+    reopen_direct_with(file, OpenOptions::new().write(true))
+}
+
+fn reopen_direct_with(file: &File, options: &mut OpenOptions) -> io::Result<File> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    options.custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path)
 }
 
 /// Whether a read of `buf` at `offset` meets the direct-read alignment.

@@ -26,7 +26,7 @@ mod direct;
 mod posix;
 mod uring;
 
-pub use direct::{AlignedBuf, UncachedReader, DIRECT_ALIGN};
+pub use direct::{reopen_direct_for_writing, AlignedBuf, UncachedReader, DIRECT_ALIGN};
 
 pub(crate) use posix::write_zeros;
 pub use posix::PosixEnv;

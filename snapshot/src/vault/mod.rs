@@ -197,8 +197,8 @@ pub trait Vault: Send + Sync + fmt::Debug {
     fn delete_chunk(&self, id: &ChunkId) -> Result<bool, VaultError>;
 
     /// Chunk reads worth keeping in flight against this vault (restore, export, verify):
-    /// [`LOCAL_READS_IN_FLIGHT`] for a local disk, [`NETWORK_READS_IN_FLIGHT`] where every
-    /// read is a round trip.
+    /// [`LOCAL_READS_IN_FLIGHT`] for a local disk, more where every read is a round trip
+    /// ([`NETWORK_READS_IN_FLIGHT`] for S3; a `keel vault` client's `max_in_flight`).
     fn reads_in_flight(&self) -> usize {
         LOCAL_READS_IN_FLIGHT
     }

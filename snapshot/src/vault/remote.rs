@@ -164,6 +164,7 @@ impl RemoteVault {
             connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
             slots: Semaphore::new(config.max_in_flight),
+            max_in_flight: config.max_in_flight,
             link: Mutex::new(Link::default()),
         };
         Ok(Self { name, client: Arc::new(client), unsynced: StdMutex::default(), runtime: Some(runtime) })
@@ -320,8 +321,10 @@ impl Vault for RemoteVault {
         &self.name
     }
 
+    /// As many as it may have in flight: more would queue for a slot, and the wait would
+    /// count against the request timeout.
     fn reads_in_flight(&self) -> usize {
-        super::NETWORK_READS_IN_FLIGHT
+        self.client.max_in_flight
     }
 
     fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<Put, VaultError> {
@@ -579,6 +582,8 @@ struct Client {
     request_timeout: Duration,
     /// Bounds requests in flight (and so streams and buffers).
     slots: Semaphore,
+    /// The number of slots.
+    max_in_flight: usize,
     link: Mutex<Link>,
 }
 
