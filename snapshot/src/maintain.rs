@@ -828,8 +828,7 @@ mod tests {
     /// names each bad chunk once, in order.
     #[test]
     fn verify_reads_in_parallel() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
+        use std::sync::{Arc, Condvar, Mutex};
         let dir = tempfile::tempdir().unwrap();
         let key = TenantKey::from_bytes([8; 32]);
         let a = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
@@ -839,18 +838,27 @@ mod tests {
         for id in [&ids[5], &ids[40]] {
             assert!(a.store().remove(id).unwrap());
         }
-        let (in_flight, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (now, peak) = (Arc::clone(&in_flight), Arc::clone(&most));
+        // (reads in flight, most seen at once, gave up): a read waits until a second one
+        // starts beside it, or, once, a generous bound if none ever does.
+        let state = Arc::new((Mutex::new((0usize, 0usize, false)), Condvar::new()));
+        let seen = Arc::clone(&state);
         let slow = HookedVault::new(
             a,
             Box::new(move |_, _| {
-                peak.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
-                std::thread::sleep(std::time::Duration::from_millis(5));
-                now.fetch_sub(1, Ordering::SeqCst);
+                let (lock, overlap) = &*seen;
+                let mut now = lock.lock().unwrap();
+                now.0 += 1;
+                now.1 = now.1.max(now.0);
+                overlap.notify_all();
+                let bound = std::time::Duration::from_secs(5);
+                let (mut now, waited) =
+                    overlap.wait_timeout_while(now, bound, |(_, most, gave_up)| *most < 2 && !*gave_up).unwrap();
+                now.2 |= waited.timed_out();
+                now.0 -= 1;
             }),
         );
         let report = verify(&key, &slow, &[], None, Subset::All, &|_| {}).unwrap();
-        assert!(most.load(Ordering::SeqCst) > 1, "one read at a time");
+        assert!(state.0.lock().unwrap().1 > 1, "one read at a time");
         assert_eq!(report.checked, 64);
         let named: Vec<ChunkId> = report.findings.iter().map(|f| f.id).collect();
         assert_eq!(named, [ids[5], ids[40]], "{report:?}");
