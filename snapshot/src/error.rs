@@ -205,3 +205,22 @@ pub enum ManifestError {
         source: io::Error,
     },
 }
+
+/// Why an index chunk of a version 3 manifest could not be read: no vault holds a good
+/// copy, so the chunk ids of its range are unknown.
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot {snapshot}: index chunk {piece} ({id}, chunks {first} to {last}): {errors}")]
+pub struct IndexError {
+    /// The snapshot.
+    pub snapshot: String,
+    /// Which index chunk (0 for the first range).
+    pub piece: u64,
+    /// Its id.
+    pub id: ChunkId,
+    /// The first chunk index it covers.
+    pub first: u64,
+    /// The last chunk index it covers.
+    pub last: u64,
+    /// Each vault's error, joined.
+    pub errors: String,
+}

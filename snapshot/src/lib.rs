@@ -49,7 +49,7 @@ pub use chunk::{
     check_frame, decode_chunk, encode_chunk, is_zero, seal_chunk, FormatVersion, HEADER_LEN, MAGIC, MAX_CHUNK_LEN,
     OVERHEAD,
 };
-pub use error::{ChunkError, ManifestError, StoreError};
+pub use error::{ChunkError, IndexError, ManifestError, StoreError};
 pub use key::{ChunkId, ParseChunkIdError, TenantKey, KEY_LEN};
 pub use retention::{Decision, Keep, Period, RetentionConfig, RetentionError, RetentionPolicy, SnapshotInfo};
 pub use schedule::{Schedule, ScheduleError};

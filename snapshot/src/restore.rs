@@ -23,12 +23,12 @@ use std::sync::{Condvar, Mutex, OnceLock};
 
 use keel_engine::{reopen_direct_for_writing, AlignedBuf, DIRECT_ALIGN};
 
-use crate::chunk::{decode_chunk, MAX_CHUNK_LEN};
+use crate::chunk::MAX_CHUNK_LEN;
 use crate::create::Progress;
-use crate::error::ChunkError;
+use crate::error::IndexError;
 use crate::key::{ChunkId, TenantKey};
-use crate::manifest::{ChunkRef, Manifest};
-use crate::vault::{Vault, VaultError};
+use crate::manifest::{ChunkMap, ChunkRef, Manifest};
+use crate::vault::{fetch_chunk, Vault};
 
 /// Where a restore writes.
 pub trait Target: Sync {
@@ -92,6 +92,9 @@ pub enum RestoreError {
         /// The target's error.
         reason: String,
     },
+    /// No vault holds a good copy of an index chunk: the ids of its range are unknown.
+    #[error(transparent)]
+    Index(#[from] IndexError),
     /// Writing the export stream failed.
     #[error("export of snapshot {snapshot}: {source}")]
     Stream {
@@ -120,29 +123,6 @@ fn fetch_checked(
         Ok((plain, _)) => Err(error(format!("decodes to {} bytes, the manifest expects {len}", plain.len()))),
         Err(errors) => Err(error(errors.join("; "))),
     }
-}
-
-/// Fetches and decodes chunk `id`, trying each vault in turn. Returns the plaintext and,
-/// when a later vault had to answer, the errors of the ones before.
-pub fn fetch_chunk(
-    key: &TenantKey,
-    vaults: &[&dyn Vault],
-    id: &ChunkId,
-) -> Result<(Vec<u8>, Option<String>), Vec<String>> {
-    let mut errors = Vec::new();
-    for vault in vaults {
-        let result = vault.get_chunk(id).map_err(|e: VaultError| e.to_string()).and_then(|frame| {
-            decode_chunk(key, id, &frame).map_err(|e: ChunkError| format!("vault {}: {e}", vault.name()))
-        });
-        match result {
-            Ok(plain) => return Ok((plain, (!errors.is_empty()).then(|| errors.join("; ")))),
-            Err(e) => errors.push(e),
-        }
-    }
-    if vaults.is_empty() {
-        errors.push("no vault given".into());
-    }
-    Err(errors)
 }
 
 /// A restore thread's batch: this many bytes of consecutive chunks (at least one chunk).
@@ -177,6 +157,7 @@ pub fn restore(
     let report = Mutex::new(RestoreReport::default());
     let first_error: Mutex<Option<RestoreError>> = Mutex::new(None);
     let total = manifest.volume_size();
+    let map = ChunkMap::new(key, vaults, manifest);
     std::thread::scope(|scope| {
         for _ in 0..options.threads.max(1) {
             scope.spawn(|| {
@@ -188,7 +169,7 @@ pub fn restore(
                         break;
                     }
                     let indices = batch * per_batch..((batch + 1) * per_batch).min(count);
-                    match restore_batch(key, vaults, manifest, indices, &mut run, &mut mine) {
+                    match restore_batch(key, vaults, &map, indices, &mut run, &mut mine) {
                         Ok(bytes) => {
                             let d = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
                             progress(Progress { done: d, total });
@@ -212,7 +193,9 @@ pub fn restore(
         return Err(e);
     }
     target.sync().map_err(|reason| RestoreError::Write { snapshot: snapshot.clone(), offset: 0, reason })?;
-    Ok(report.into_inner().unwrap_or_else(|p| p.into_inner()))
+    let mut report = report.into_inner().unwrap_or_else(|p| p.into_inner());
+    report.fallbacks.extend(map.take_fallbacks());
+    Ok(report)
 }
 
 /// Restores the chunks `indices` (consecutive) through `run`, counting them in `report`.
@@ -220,16 +203,16 @@ pub fn restore(
 fn restore_batch(
     key: &TenantKey,
     vaults: &[&dyn Vault],
-    manifest: &Manifest,
+    map: &ChunkMap<'_>,
     indices: Range<usize>,
     run: &mut Run<'_>,
     report: &mut RestoreReport,
 ) -> Result<u64, RestoreError> {
     let mut bytes = 0;
     for index in indices {
-        let (offset, len) = manifest.chunk_range(index);
-        match manifest.chunk(index) {
-            Some(ChunkRef::Data(id)) => {
+        let (offset, len) = map.manifest().chunk_range(index);
+        match map.entry(index as u64)? {
+            ChunkRef::Data(id) => {
                 let (plain, fallback) = fetch_checked(key, vaults, &id, run.snapshot, index, len)?;
                 run.push_data(offset, &plain)?;
                 report.chunks_written += 1;
@@ -238,7 +221,7 @@ fn restore_batch(
                     report.fallbacks.push((id, errors));
                 }
             }
-            _ => {
+            ChunkRef::Hole => {
                 report.holes += 1;
                 run.push_hole(offset, len)?;
             }
@@ -408,6 +391,7 @@ fn export_ordered(
     let room = Condvar::new();
     let mut report = RestoreReport::default();
     let fallbacks = Mutex::new(Vec::new());
+    let map = ChunkMap::new(key, vaults, manifest);
     let result = std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
@@ -423,8 +407,16 @@ fn export_ordered(
                     }
                 }
                 let (_, len) = manifest.chunk_range(index);
-                let item = match manifest.chunk(index) {
-                    Some(ChunkRef::Data(id)) => {
+                let entry = match map.entry(index as u64) {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        window.lock().unwrap_or_else(|p| p.into_inner()).slots.insert(index, Err(e.into()));
+                        ready.notify_all();
+                        return;
+                    }
+                };
+                let item = match entry {
+                    ChunkRef::Data(id) => {
                         fetch_checked(key, vaults, &id, &snapshot, index, len).map(|(plain, fallback)| {
                             if let Some(e) = fallback {
                                 fallbacks.lock().unwrap_or_else(|p| p.into_inner()).push((id, e));
@@ -432,7 +424,7 @@ fn export_ordered(
                             Some(plain)
                         })
                     }
-                    _ => Ok(None),
+                    ChunkRef::Hole => Ok(None),
                 };
                 window.lock().unwrap_or_else(|p| p.into_inner()).slots.insert(index, item);
                 ready.notify_all();
@@ -486,6 +478,7 @@ fn export_ordered(
     result?;
     out.flush().map_err(|source| RestoreError::Stream { snapshot: snapshot.clone(), source })?;
     report.fallbacks = fallbacks.into_inner().unwrap_or_else(|p| p.into_inner());
+    report.fallbacks.extend(map.take_fallbacks());
     Ok(report)
 }
 
@@ -967,7 +960,7 @@ mod tests {
         let b = LocalVault::open("b", dir.path().join("b"), "t").unwrap();
         let manifest = snapshot(&a, &key, &path);
         snapshot(&b, &key, &path); // same chunks in b
-        let victim = manifest.chunks().find_map(|c| if let ChunkRef::Data(id) = c { Some(id) } else { None }).unwrap();
+        let victim = ChunkMap::new(&key, &[&a], &manifest).distinct_data().unwrap()[0];
         // Damage one byte of its frame in a's pack.
         let at = a.store().locate(&victim).unwrap().unwrap();
         let pack = std::fs::OpenOptions::new().read(true).write(true).open(&at.pack).unwrap();
@@ -984,5 +977,21 @@ mod tests {
         assert_eq!(report.fallbacks.len(), 1);
         assert_eq!(report.fallbacks[0].0, victim);
         assert!(report.fallbacks[0].1.contains("checksum"), "{}", report.fallbacks[0].1);
+
+        // An index chunk missing from a: read from b, reported as a copy to heal; missing
+        // from both, the restore fails naming it and the chunks it covers.
+        let index = manifest.index_chunks()[0];
+        assert!(a.delete_chunk(&index).unwrap());
+        let target = dir.path().join("restored");
+        let options = RestoreOptions { threads: 3, target_is_zeroed: true };
+        let file = FileTarget::create_sparse(&target, manifest.volume_size()).unwrap();
+        let report = restore(&key, &[&a, &b], &manifest, &file, &options, &|_| {}).unwrap();
+        assert!(std::fs::read(&target).unwrap() == data);
+        assert!(report.fallbacks.iter().any(|(id, _)| *id == index), "{:?}", report.fallbacks);
+        assert!(b.delete_chunk(&index).unwrap());
+        let err = restore(&key, &[&a, &b], &manifest, &file, &options, &|_| {}).unwrap_err();
+        assert!(matches!(&err, RestoreError::Index(e) if e.id == index), "{err}");
+        let err = export(&key, &[&a, &b], &manifest, &mut Vec::new(), ExportFormat::Raw, 2, &|_| {}).unwrap_err();
+        assert!(err.to_string().contains(&index.to_string()), "{err}");
     }
 }

@@ -277,7 +277,9 @@ fn export_import_verify_heal_retention_and_gc() {
         let repo = keel_snapshot::vault::LocalVault::open("local", daemon.dir().join("data/repo"), "acme").unwrap();
         let newest =
             maintain::read_manifest(&repo, &keel_snapshot::vault::keys::manifest("fs", &ids[2]), None).unwrap();
-        let chunks = maintain::distinct_chunks(&newest);
+        let key = keel_snapshot::keyfile::load_key_file(&daemon.dir().join("data/tenant.key"), None).unwrap();
+        let vaults: [&dyn keel_snapshot::vault::Vault; 1] = [&repo];
+        let chunks = keel_snapshot::manifest::ChunkMap::new(&key, &vaults, &newest).distinct_data().unwrap();
         assert!(chunks.len() > 10);
         let at = repo.store().locate(&chunks[3]).unwrap().unwrap();
         let pack = std::fs::OpenOptions::new().read(true).write(true).open(&at.pack).unwrap();

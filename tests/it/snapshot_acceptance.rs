@@ -168,7 +168,9 @@ server = "{VAULT}"
     {
         let store = LocalVault::open("dc2", vault.data_dir(), "acme").unwrap();
         let manifest = maintain::read_manifest(&store, &keys::manifest("db", &newest), None).unwrap();
-        let chunks = maintain::distinct_chunks(&manifest);
+        let key = keys.key();
+        let vaults: [&dyn keel_snapshot::vault::Vault; 1] = [&store];
+        let chunks = keel_snapshot::manifest::ChunkMap::new(&key, &vaults, &manifest).distinct_data().unwrap();
         assert!(chunks.len() > 10, "{} chunks", chunks.len());
         let at = store.store().locate(&chunks[chunks.len() / 2]).unwrap().unwrap();
         let pack = std::fs::OpenOptions::new().read(true).write(true).open(&at.pack).unwrap();

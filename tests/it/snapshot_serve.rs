@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use keel_snapshot::create::{create_snapshot, Changed, CreateOptions, FileSource};
 use keel_snapshot::keyfile::create_key_file;
 use keel_snapshot::maintain::{copy_snapshot, read_manifest};
-use keel_snapshot::manifest::{ChunkRef, Manifest};
+use keel_snapshot::manifest::{ChunkMap, ChunkRef, Manifest};
 use keel_snapshot::vault::{LocalVault, Vault};
 use keel_snapshot::{encode_chunk, ChunkId, TenantKey};
 use keel_tests::cmd::{run, run_ok, strip_ansi, wait_for, Output};
@@ -111,10 +111,11 @@ impl Node {
     }
 }
 
-/// The id of chunk `index` of a manifest (which must not be a hole).
-fn chunk_id(manifest: &Manifest, index: usize) -> ChunkId {
-    match manifest.chunk(index) {
-        Some(ChunkRef::Data(id)) => id,
+/// The id of chunk `index` of a manifest of `node`'s repo (which must not be a hole).
+fn chunk_id(node: &Node, manifest: &Manifest, index: usize) -> ChunkId {
+    let repo = node.repo();
+    match ChunkMap::new(&node.key, &[&repo as &dyn Vault], manifest).entry(index as u64) {
+        Ok(ChunkRef::Data(id)) => id,
         other => panic!("chunk {index} is {other:?}"),
     }
 }
@@ -248,7 +249,7 @@ fn a_served_snapshot_reads_back_bit_exact_shows_its_holes_and_refuses_writes() {
     let export = format!("db@{}", manifest.snapshot_id());
     let snapshot = format!("db/{}", manifest.snapshot_id());
     // Chunk 40 is corrupt in the repo: it must come from dc2.
-    let bad = chunk_id(&manifest, 40);
+    let bad = chunk_id(&node, &manifest, 40);
     flip_chunk_byte(&node.repo(), &bad, 200);
 
     let served = Served::start(&node, &snapshot, &export, "serve.log");
@@ -372,9 +373,13 @@ fn keel_inspect_repo_and_chunk_report_a_healthy_repo_then_name_each_problem() {
     assert_eq!(dedup["denominator_bytes"], (distinct * CHUNK) as u64, "{report:#}");
     let expected = logical as f64 / (distinct * CHUNK) as f64;
     assert!((dedup["ratio"].as_f64().unwrap() - expected).abs() < 1e-9, "{report:#}");
-    // Random data does not compress: stored = plaintext.
-    assert_eq!(ratio(&report, "compression")["ratio"], 1.0, "{report:#}");
-    assert_eq!(report["store"]["chunks"], distinct + 1, "{report:#}");
+    // Random data does not compress (the index chunks' runs of holes barely do).
+    let compression = ratio(&report, "compression")["ratio"].as_f64().unwrap();
+    assert!((1.0..1.01).contains(&compression), "{report:#}");
+    // Each snapshot's entries are in an index chunk of its own (they all differ).
+    assert_eq!(report["referenced"]["index_chunks"], 3, "{report:#}");
+    assert_eq!(db_rows[1]["index_chunks"], 1, "{report:#}");
+    assert_eq!(report["store"]["chunks"], distinct + 3 + 1, "{report:#}");
     // One open wrote each snapshot (and the orphan): a pack each, nothing dead or orphaned.
     assert_eq!(report["packs"]["packs"], 4, "{report:#}");
     assert_eq!(report["packs"]["orphan_packs"], 0, "{report:#}");
@@ -390,13 +395,26 @@ fn keel_inspect_repo_and_chunk_report_a_healthy_repo_then_name_each_problem() {
     for part in [manifest1.snapshot_id(), manifest2.snapshot_id(), "volume fs: 1 snapshots", "dedup", "verdict: OK"] {
         assert!(text.stdout.contains(part), "{part:?} missing:\n{}", text.stdout);
     }
-    // Without the key: structure only, same numbers.
-    let keyless = inspect_json(&["repo", repo_arg, "--tenant", TENANT, "--json"], 0);
+    // Without the key: structure only. The entries are in encrypted index chunks, so they
+    // are unknown: no chunk is called orphaned, and the verdict is not OK (a chunk they
+    // need could be gone).
+    let keyless = inspect_json(&["repo", repo_arg, "--tenant", TENANT, "--json"], 1);
     assert_eq!(keyless["authenticated"], false, "{keyless:#}");
-    assert_eq!(keyless["referenced"], report["referenced"], "{keyless:#}");
+    assert_eq!(keyless["ok"], false, "{keyless:#}");
+    assert_eq!(keyless["referenced"]["index_chunks"], 3, "{keyless:#}");
+    assert_eq!(keyless["unresolved_manifests"].as_array().unwrap().len(), 3, "{keyless:#}");
+    assert_eq!(keyless["orphaned"]["count"], 0, "{keyless:#}");
+    assert_eq!(keyless["volumes"][0]["snapshots"][0]["entries_read"], false, "{keyless:#}");
+    let text = inspect(&["repo", repo_arg, "--tenant", TENANT]);
+    assert!(text.stdout.contains("orphaned chunks: not known"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("3 manifests whose chunks were not all looked for (give --key-file)"),
+        "{}",
+        text.stdout
+    );
 
     // A chunk all three snapshots share: chunk 0 of db (chunk 0 of fs too).
-    let shared = chunk_id(&manifest1, 0);
+    let shared = chunk_id(&node, &manifest1, 0);
     let shared_arg = shared.to_string();
     let chunk_args = ["chunk", &shared_arg, "--repo", repo_arg, "--tenant", TENANT, "--key-file", key_arg, "--json"];
     let chunk = inspect_json(&chunk_args, 0);
@@ -428,8 +446,8 @@ fn keel_inspect_repo_and_chunk_report_a_healthy_repo_then_name_each_problem() {
 
     // --- Damage: flip a byte of chunk 1 (both db snapshots use it), delete chunk 5 (both
     // too), and drop a garbage manifest in.
-    let flipped = chunk_id(&manifest1, 1);
-    let deleted = chunk_id(&manifest1, 5);
+    let flipped = chunk_id(&node, &manifest1, 1);
+    let deleted = chunk_id(&node, &manifest1, 5);
     flip_chunk_byte(&node.repo(), &flipped, 300);
     assert!(node.repo().store().remove(&deleted).unwrap());
     let garbage = "snapshots/db/20990101T000000Z-deadbeef.kman";
@@ -476,11 +494,27 @@ fn keel_inspect_repo_and_chunk_report_a_healthy_repo_then_name_each_problem() {
     assert_eq!(chunk["decode"]["ok"], false, "{chunk:#}");
     assert_eq!(chunk["header"]["plaintext_len"], CHUNK, "the header is intact: {chunk:#}");
     let deleted_arg = deleted.to_string();
-    let chunk = inspect_json(&["chunk", &deleted_arg, "--repo", repo_arg, "--tenant", TENANT, "--json"], 1);
+    let chunk = inspect_json(
+        &["chunk", &deleted_arg, "--repo", repo_arg, "--tenant", TENANT, "--key-file", key_arg, "--json"],
+        1,
+    );
     assert_eq!(chunk["present"], false, "{chunk:#}");
     assert_eq!(chunk["referenced_by"].as_array().unwrap().len(), 2, "{chunk:#}");
-    let text = inspect(&["chunk", &deleted_arg, "--repo", repo_arg, "--tenant", TENANT]);
+    let text = inspect(&["chunk", &deleted_arg, "--repo", repo_arg, "--tenant", TENANT, "--key-file", key_arg]);
     assert!(text.stdout.contains("MISSING") && text.stdout.contains(&db2_name), "{}", text.describe());
+
+    // A lost index chunk: missing, named with the snapshot it lists the chunks of, and
+    // that snapshot's entries are unknown.
+    let fs_index = node.manifest(&fs1).index_chunks()[0];
+    assert!(node.repo().store().remove(&fs_index).unwrap());
+    let report = inspect_json(&[&args[..], &["--json"]].concat(), 1);
+    let missing = ids(&report["missing"]);
+    assert!(missing.contains(&fs_index.to_string().as_str()), "{report:#}");
+    let lost = report["missing"]["chunks"].as_array().unwrap().iter().find(|c| c["id"] == fs_index.to_string());
+    assert_eq!(lost.unwrap()["referenced_by"][0]["snapshot"], fs_snapshot.as_str(), "{report:#}");
+    let unresolved = report["unresolved_manifests"].as_array().unwrap();
+    assert_eq!(unresolved.len(), 1, "{report:#}");
+    assert!(unresolved[0]["error"].as_str().unwrap().contains(&fs_index.to_string()), "{report:#}");
 
     // A tenant that is not there, and an id that is not one: clear errors, exit 2.
     let out = inspect(&["repo", repo_arg, "--tenant", "globex"]);

@@ -62,6 +62,11 @@ impl Keys {
         Self { dir }
     }
 
+    /// The tenant key itself (to read index chunks in checks).
+    pub(crate) fn key(&self) -> keel_snapshot::TenantKey {
+        keel_snapshot::keyfile::load_key_file(&self.dir.path().join("tenant.key"), None).unwrap()
+    }
+
     /// `[snapshots]` for node `node`: the tenant and its key, 64 KiB chunks, then
     /// `settings` and `extra` lines. `{node}` in `extra` is replaced by the node's index.
     fn section(&self, node: usize, settings: &str, extra: &str) -> String {

@@ -5,9 +5,13 @@
 //! `repo` works in three passes, with memory bounded by the number of distinct chunks:
 //!
 //! 1. Every manifest is mapped (not read into memory) and checked — structure and
-//!    checksums always, authenticity when a key is given. Its entries go into one array of
-//!    referenced ids (32 bytes per entry, deduplicated whenever it doubles, as GC does);
-//!    nothing is kept per snapshot but its row of the table.
+//!    checksums always, authenticity when a key is given. Its index chunks and its entries
+//!    go into one array of referenced ids (32 bytes per entry, deduplicated whenever it
+//!    doubles, as GC does); nothing is kept per snapshot but its row of the table. The
+//!    entries of a version 3 manifest are in its index chunks, which only the tenant key
+//!    can read: without `--key-file`, or with an index chunk damaged, those entries are
+//!    unknown, the report says which manifests are *unresolved*, and no stored chunk is
+//!    called orphaned (it may be one of theirs).
 //! 2. The chunk store is listed in id order and merged with the sorted array: a stored id
 //!    that no manifest names is *orphaned*, a referenced id that is not stored is
 //!    *missing*. Every chunk is read from its pack and its frame checked without the key
@@ -34,7 +38,7 @@ use anyhow::{bail, Context, Result};
 use keel_snapshot::create::{utc_display, Progress};
 use keel_snapshot::keyfile::load_key_file;
 use keel_snapshot::maintain::{manifest_keys, snapshot_id_of, volume_of};
-use keel_snapshot::manifest::{ChunkRef, Manifest};
+use keel_snapshot::manifest::{ChunkMap, ChunkRef, Layout, Manifest};
 use keel_snapshot::vault::{keys, LocalVault, ObjectEntry, Vault};
 use keel_snapshot::{
     check_frame, decode_chunk, is_zero, ChunkId, ManifestError, TenantKey, HEADER_LEN, MAGIC, OVERHEAD,
@@ -106,10 +110,15 @@ pub struct RepoReport {
     pub corrupt_chunks: ChunkList,
     /// Manifests that fail to load, with the error.
     pub corrupt_manifests: Vec<BadManifest>,
+    /// Manifests that load but whose entries could not all be read (index chunks need
+    /// the key, or one is missing or corrupt), with why. While any are, `orphaned` is
+    /// empty: an unreferenced stored chunk may be one of theirs.
+    pub unresolved_manifests: Vec<BadManifest>,
     /// Upload intents present (their chunks show as orphaned until the manifest lands).
     pub uploads_in_progress: Vec<String>,
-    /// True when no chunk is missing, no referenced chunk is corrupt and every manifest
-    /// loads.
+    /// True when no chunk is missing, no referenced chunk is corrupt, every manifest
+    /// loads and every manifest's entries were read (so every chunk a snapshot needs was
+    /// looked for).
     pub ok: bool,
 }
 
@@ -145,6 +154,12 @@ pub struct SnapshotRow {
     pub logical_size: u64,
     /// Manifest entries.
     pub chunks: u64,
+    /// Index chunks holding the entries (0 for a version 1 or 2 manifest, which lists
+    /// them inline).
+    pub index_chunks: u64,
+    /// Whether every entry was read (see [`RepoReport::unresolved_manifests`]); when not,
+    /// `holes` and `data_bytes` count only the entries read.
+    pub entries_read: bool,
     /// Entries that are holes.
     pub holes: u64,
     /// Bytes of the volume that are not holes.
@@ -204,8 +219,12 @@ pub struct PackTotals {
 pub struct ReferencedTotals {
     /// Manifests that loaded.
     pub snapshots: u64,
-    /// Distinct chunk ids referenced.
+    /// Distinct data chunk ids referenced.
     pub distinct_chunks: u64,
+    /// Distinct index chunks referenced (version 3 manifests keep their entries in them).
+    pub index_chunks: u64,
+    /// Their frame sizes, where present and valid (not counted in the `distinct_` sums).
+    pub index_encoded_bytes: u64,
     /// Sum over snapshots of their non-hole bytes (each snapshot counted in full).
     pub logical_data_bytes: u64,
     /// Distinct referenced chunks present with a valid frame.
@@ -328,7 +347,9 @@ pub fn repo_report(
     // Pass 1: the manifests.
     let mut rows: Vec<SnapshotRow> = Vec::new();
     let mut corrupt_manifests = Vec::new();
+    let mut unresolved_manifests = Vec::new();
     let mut referenced: Vec<[u8; 32]> = Vec::new();
+    let mut index_ids: Vec<[u8; 32]> = Vec::new();
     let mut distinct_after_last_dedup = 0usize;
     let mut totals = ReferencedTotals::default();
     let manifests = manifest_keys(vault, None).context("failed to list the manifests")?;
@@ -342,14 +363,17 @@ pub fn repo_report(
             }
         };
         let mut row = snapshot_row(&entry.key, &manifest);
-        for (index, chunk) in manifest.chunks().enumerate() {
-            match chunk {
-                ChunkRef::Hole => row.holes += 1,
-                ChunkRef::Data(id) => {
-                    row.data_bytes += manifest.chunk_range(index).1;
-                    referenced.push(id.0);
-                }
+        index_ids.extend(manifest.index_chunks().iter().map(|id| id.0));
+        let read = for_each_entry(vault, key, &manifest, |index, chunk| match chunk {
+            ChunkRef::Hole => row.holes += 1,
+            ChunkRef::Data(id) => {
+                row.data_bytes += manifest.chunk_range(index as usize).1;
+                referenced.push(id.0);
             }
+        });
+        if let Err(error) = read {
+            row.entries_read = false;
+            unresolved_manifests.push(BadManifest { key: entry.key.clone(), error });
         }
         // Snapshots share most chunks: dedup whenever the array doubles, so it stays
         // within twice the distinct count (plus one manifest) however long the history.
@@ -362,11 +386,20 @@ pub fn repo_report(
         totals.logical_data_bytes += row.data_bytes;
         rows.push(row);
     }
+    index_ids.sort_unstable();
+    index_ids.dedup();
+    totals.index_chunks = index_ids.len() as u64;
     referenced.sort_unstable();
     referenced.dedup();
     totals.distinct_chunks = referenced.len() as u64;
+    // Index chunks are referenced too (a stored one is not an orphan, a lost one is missing),
+    // but counted apart from the data behind the ratios.
+    referenced.extend_from_slice(&index_ids);
+    referenced.sort_unstable();
+    referenced.dedup();
 
     // Pass 2: the store, merged with the referenced ids (both ascending).
+    let references_complete = unresolved_manifests.is_empty();
     let mut store = StoreTotals::default();
     let mut orphaned = ChunkList::default();
     let mut missing = ChunkList::default();
@@ -413,17 +446,19 @@ pub fn repo_report(
                     store.compressed_frames += u64::from(header.compressed);
                     store.plaintext_bytes += u64::from(header.plaintext_len);
                     store.stored_bytes += u64::from(header.stored_len);
-                    if is_referenced {
+                    if is_referenced && index_ids.binary_search(&entry.id.0).is_ok() {
+                        totals.index_encoded_bytes += frame.len() as u64;
+                    } else if is_referenced {
                         totals.distinct_present += 1;
                         totals.distinct_plaintext_bytes += u64::from(header.plaintext_len);
                         totals.distinct_encoded_bytes += frame.len() as u64;
-                    } else {
+                    } else if references_complete {
                         orphaned.push(problem(entry.id, frame.len() as u64, false, None));
                     }
                 }
                 Err(error) => {
                     corrupt_chunks.push(problem(entry.id, frame.len() as u64, is_referenced, Some(error)));
-                    if !is_referenced {
+                    if !is_referenced && references_complete {
                         orphaned.push(problem(entry.id, frame.len() as u64, false, None));
                     }
                 }
@@ -463,7 +498,11 @@ pub fn repo_report(
         damaged_index_logs: stats.damaged_logs,
     };
 
-    let ok = missing.count == 0 && corrupt_chunks.referenced == 0 && corrupt_manifests.is_empty();
+    // A manifest whose entries were not read may need chunks that are gone: not OK.
+    let ok = missing.count == 0
+        && corrupt_chunks.referenced == 0
+        && corrupt_manifests.is_empty()
+        && unresolved_manifests.is_empty();
     let uploads = vault.list_objects(keys::UPLOADS).context("failed to list uploads in progress")?;
     let ratios = ratios(&store, &totals, missing.count + corrupt_chunks.referenced);
     let mut volumes: Vec<VolumeRows> = Vec::new();
@@ -488,9 +527,34 @@ pub fn repo_report(
         missing,
         corrupt_chunks,
         corrupt_manifests,
+        unresolved_manifests,
         uploads_in_progress: uploads.into_iter().map(|u| u.key).collect(),
         ok,
     })
+}
+
+/// Calls `f` with every entry of `manifest` in volume order: inline, or read from its
+/// index chunks in `vault` with `key`. An error says why (some of) the entries are unknown.
+fn for_each_entry(
+    vault: &LocalVault,
+    key: Option<&TenantKey>,
+    manifest: &Manifest,
+    mut f: impl FnMut(u64, ChunkRef),
+) -> Result<(), String> {
+    match (manifest.layout(), key) {
+        (Layout::Inline(chunks), _) => {
+            for (index, raw) in chunks.iter().enumerate() {
+                f(index as u64, ChunkRef::from_raw(raw));
+            }
+            Ok(())
+        }
+        (Layout::Indexed { .. }, Some(key)) => {
+            ChunkMap::new(key, &[vault as &dyn Vault], manifest).for_each(f).map_err(|e| e.to_string())
+        }
+        (Layout::Indexed { .. }, None) => {
+            Err("its entries are in index chunks, which only the tenant key can read (give --key-file)".into())
+        }
+    }
 }
 
 fn problem(id: ChunkId, frame_bytes: u64, referenced: bool, error: Option<String>) -> ChunkProblem {
@@ -510,6 +574,8 @@ fn snapshot_row(key: &str, m: &Manifest) -> SnapshotRow {
         chunk_size: m.chunk_size(),
         logical_size: m.volume_size(),
         chunks: m.chunk_count() as u64,
+        index_chunks: m.index_chunks().len() as u64,
+        entries_read: true,
         holes: 0,
         data_bytes: 0,
         new_chunks: stats.new_chunks,
@@ -606,10 +672,9 @@ fn find_references(
     for (position, entry) in manifests.iter().enumerate() {
         let Ok(Some(manifest)) = open_manifest(vault, &entry.key, key) else { continue };
         let snapshot = format!("{}/{}", manifest.volume(), manifest.snapshot_id());
-        for (index, chunk) in manifest.chunks().enumerate() {
-            let ChunkRef::Data(id) = chunk else { continue };
+        let mut note = |id: ChunkId, index: u64| {
             if sorted.binary_search(&id).is_err() {
-                continue;
+                return;
             }
             let f = found.entry(id).or_default();
             if f.last_manifest != Some(position) {
@@ -623,11 +688,25 @@ fn find_references(
             if let Some(reference) = f.refs.last_mut().filter(|r| r.snapshot == snapshot) {
                 reference.entries += 1;
                 if reference.at.len() < LOCATIONS_MAX {
-                    let offset = manifest.chunk_range(index).0;
-                    reference.at.push(Location { index: index as u64, offset });
+                    let offset = manifest.chunk_range(index as usize).0;
+                    reference.at.push(Location { index, offset });
+                }
+            }
+        };
+        // An index chunk is named at the first chunk of the range it lists.
+        if let Layout::Indexed { fanout, index } = manifest.layout() {
+            for (piece, raw) in index.iter().enumerate() {
+                if let ChunkRef::Data(id) = ChunkRef::from_raw(raw) {
+                    note(id, piece as u64 * u64::from(fanout));
                 }
             }
         }
+        // Entries that cannot be read were reported in pass 1.
+        let _ = for_each_entry(vault, key, &manifest, |index, chunk| {
+            if let ChunkRef::Data(id) = chunk {
+                note(id, index);
+            }
+        });
     }
     found.into_iter().map(|(id, f)| (id, (f.refs, f.snapshots))).collect()
 }
@@ -661,7 +740,7 @@ pub fn render_repo(r: &RepoReport) -> String {
                 format_size(u64::from(s.chunk_size)),
                 format_size(s.logical_size),
                 s.chunks,
-                s.holes,
+                if s.entries_read { s.holes.to_string() } else { "?".to_owned() },
                 s.new_chunks,
                 format_size(s.new_stored_bytes),
             );
@@ -709,6 +788,14 @@ pub fn render_repo(r: &RepoReport) -> String {
         format_size(t.distinct_plaintext_bytes),
         format_size(t.distinct_encoded_bytes)
     );
+    if t.index_chunks > 0 {
+        let _ = writeln!(
+            out,
+            "             and {} index chunks listing them ({} encoded)",
+            t.index_chunks,
+            format_size(t.index_encoded_bytes)
+        );
+    }
     let _ = writeln!(out);
     for ratio in &r.ratios {
         let value = ratio.ratio.map_or("n/a".to_owned(), |x| format!("{x:.2}x"));
@@ -721,12 +808,23 @@ pub fn render_repo(r: &RepoReport) -> String {
         );
         let _ = writeln!(out, "{:<21} {}", "", ratio.meaning);
     }
-    render_list(
-        &mut out,
-        &r.orphaned,
-        "orphaned chunks",
-        "stored but referenced by no manifest; `keel snapshot gc` removes them",
-    );
+    if r.unresolved_manifests.is_empty() {
+        render_list(
+            &mut out,
+            &r.orphaned,
+            "orphaned chunks",
+            "stored but referenced by no manifest; `keel snapshot gc` removes them",
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "\norphaned chunks: not known: the entries of {} manifests could not be read",
+            r.unresolved_manifests.len()
+        );
+        for m in &r.unresolved_manifests {
+            let _ = writeln!(out, "  {}: {}", m.key, m.error);
+        }
+    }
     render_list(
         &mut out,
         &r.missing,
@@ -758,11 +856,20 @@ pub fn render_repo(r: &RepoReport) -> String {
         "OK".to_owned()
     } else {
         let referenced_corrupt = r.corrupt_chunks.chunks.iter().filter(|c| c.referenced).count();
-        format!(
+        let mut verdict = format!(
             "PROBLEMS: {} missing chunks, {referenced_corrupt} corrupt referenced chunks, {} corrupt manifests",
             r.missing.count,
             r.corrupt_manifests.len()
-        )
+        );
+        if !r.unresolved_manifests.is_empty() {
+            let _ = write!(
+                verdict,
+                ", {} manifests whose chunks were not all looked for{}",
+                r.unresolved_manifests.len(),
+                if r.authenticated { "" } else { " (give --key-file)" }
+            );
+        }
+        verdict
     };
     let _ = writeln!(out, "\nverdict: {verdict}");
     out

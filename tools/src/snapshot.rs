@@ -589,7 +589,7 @@ impl Repo {
                             vault.name()
                         ));
                         let options = maintain::GcOptions { holder: self.holder(), dry_run: false, max_deletes: None };
-                        match maintain::gc(&*vault, &options, &|_| {}) {
+                        match maintain::gc(&*vault, &self.key, &options, &|_| {}) {
                             Ok(r) => messages.push(format!(
                                 "vault {}: gc deleted {} chunk(s), {} bytes",
                                 vault.name(),

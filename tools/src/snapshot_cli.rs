@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use keel_snapshot::create::{utc_display, Progress};
 use keel_snapshot::maintain::{self, GcOptions, Subset};
-use keel_snapshot::manifest::ChunkRef;
+use keel_snapshot::manifest::{ChunkMap, ChunkRef, Piece};
 use keel_snapshot::restore::{self, ExportFormat, FileTarget, RestoreOptions, Target};
 use keel_snapshot::vault::Vault;
 use serde_json::json;
@@ -303,7 +303,7 @@ pub fn run(command: SnapshotCommand) -> Result<()> {
             let v = repo.vault(&vault)?;
             let options = GcOptions { holder: repo.holder(), dry_run, max_deletes };
             let bar = ProgressBar::new("gc", "chunks");
-            let report = maintain::gc(&*v, &options, &|p| bar.update(p))?;
+            let report = maintain::gc(&*v, &repo.key, &options, &|p| bar.update(p))?;
             bar.finish();
             if json {
                 println!(
@@ -437,14 +437,24 @@ fn list(repo: &Repo, vault: &dyn Vault, volume: Option<&str>, json: bool) -> Res
 fn show(repo: &Repo, vault: &dyn Vault, spec: &str, json: bool) -> Result<()> {
     let found = repo.find(vault, spec)?;
     let m = &found.manifest;
-    let holes = m.chunks().filter(|c| *c == ChunkRef::Hole).count();
-    let distinct = maintain::distinct_chunks(m).len();
+    let map = ChunkMap::new(&repo.key, &[vault], m);
+    let mut holes = 0u64;
+    let mut data = Vec::new();
+    map.for_each(|_, entry| match entry {
+        ChunkRef::Hole => holes += 1,
+        ChunkRef::Data(id) => data.push(id),
+    })?;
+    data.sort_unstable();
+    data.dedup();
+    let distinct = data.len();
+    let index_chunks = m.index_chunks().len();
     let stats = m.stats();
     let value = json!({
         "key": found.key, "volume": m.volume(), "id": m.snapshot_id(), "marker": m.marker(), "node": m.node(),
         "time": m.created_unix(), "marker_seq": m.marker_seq(), "parent": m.parent(), "full_read": m.full_read(),
         "size": m.volume_size(), "chunk_size": m.chunk_size(), "chunks": m.chunk_count(), "holes": holes,
-        "distinct_chunks": distinct, "chunks_read": stats.chunks_read, "new_chunks": stats.new_chunks,
+        "distinct_chunks": distinct, "format_version": m.version(), "index_chunks": index_chunks,
+        "chunks_read": stats.chunks_read, "new_chunks": stats.new_chunks,
         "new_stored_bytes": stats.new_stored_bytes, "new_plain_bytes": stats.new_plain_bytes,
         "copies": repo.copies(&found.key).into_iter().map(|(n, h)| json!({ "vault": n, "complete": h.ok() })).collect::<Vec<_>>(),
         "group": m.group().map(|(name, members)| json!({ "name": name, "members": members })),
@@ -470,6 +480,9 @@ fn show(repo: &Repo, vault: &dyn Vault, spec: &str, json: bool) -> Result<()> {
             m.chunk_count(),
             format_size(u64::from(m.chunk_size()))
         );
+        if m.version() >= 3 {
+            println!("  index     {index_chunks} index chunks of {} ids", map.fanout());
+        }
         println!(
             "  read      {} chunks; stored {} new ({} before compression)",
             stats.chunks_read,
@@ -488,6 +501,14 @@ fn show(repo: &Repo, vault: &dyn Vault, spec: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The ids of range `piece`, or none past the end of a shorter snapshot.
+fn piece_or_empty(map: &ChunkMap<'_>, piece: usize) -> Result<Piece> {
+    if piece >= map.pieces() {
+        return Ok(Vec::new().into());
+    }
+    Ok(map.piece(piece)?)
+}
+
 fn diff(repo: &Repo, vault: &dyn Vault, from: &str, to: &str, json: bool) -> Result<()> {
     let a = repo.find(vault, from)?;
     let b = repo.find(vault, to)?;
@@ -495,15 +516,40 @@ fn diff(repo: &Repo, vault: &dyn Vault, from: &str, to: &str, json: bool) -> Res
     if ma.volume() != mb.volume() || ma.chunk_size() != mb.chunk_size() {
         bail!("{} and {} are not snapshots of one volume at one chunk size", a.key, b.key);
     }
-    let count = ma.chunk_count().max(mb.chunk_count());
+    let (map_a, map_b) = (ChunkMap::new(&repo.key, &[vault], ma), ChunkMap::new(&repo.key, &[vault], mb));
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let chunk = u64::from(ma.chunk_size());
-    for i in 0..count {
-        if ma.chunk(i) != mb.chunk(i) {
-            let offset = i as u64 * chunk;
-            match ranges.last_mut() {
-                Some((start, len)) if *start + *len == offset => *len += chunk,
-                _ => ranges.push((offset, chunk)),
+    let mut changed = |i: u64| {
+        let offset = i * chunk;
+        match ranges.last_mut() {
+            Some((start, len)) if *start + *len == offset => *len += chunk,
+            _ => ranges.push((offset, chunk)),
+        }
+    };
+    if map_a.fanout() == map_b.fanout() {
+        // Range by range: ranges start at the same chunk in both.
+        for piece in 0..map_a.pieces().max(map_b.pieces()) {
+            // The same index chunk over a range: nothing in it changed, nothing is read.
+            let index_a = map_a.index_entry(piece);
+            if index_a.is_some() && index_a == map_b.index_entry(piece) && ma.chunk_count() == mb.chunk_count() {
+                continue;
+            }
+            let (ids_a, ids_b) = (piece_or_empty(&map_a, piece)?, piece_or_empty(&map_b, piece)?);
+            let start = piece as u64 * map_a.fanout();
+            for at in 0..ids_a.len().max(ids_b.len()) {
+                if ids_a.get(at) != ids_b.get(at) {
+                    changed(start + at as u64);
+                }
+            }
+        }
+    } else {
+        let count = ma.chunk_count().max(mb.chunk_count()) as u64;
+        let entry = |map: &ChunkMap<'_>, i: u64| -> Result<Option<ChunkRef>> {
+            Ok(if i < map.manifest().chunk_count() as u64 { Some(map.entry(i)?) } else { None })
+        };
+        for i in 0..count {
+            if entry(&map_a, i)? != entry(&map_b, i)? {
+                changed(i);
             }
         }
     }

@@ -3,7 +3,8 @@
 //! `nbdfuse` or the kernel client can read a snapshot in place, without restoring it.
 //!
 //! A read maps its byte range onto chunks: a hole (all zeros, nothing stored) is filled
-//! with zeros, a data chunk is fetched with [`fetch_chunk`] — the first vault that holds a
+//! with zeros, a data chunk is fetched with [`fetch_chunk`] (and, for a version 3
+//! manifest, the index chunk naming it, kept in the same cache) — the first vault that holds a
 //! good copy answers, so a copy that is missing or corrupt in the repo is read from the
 //! next vault (and logged, so `keel snapshot verify` can heal it). Every chunk is
 //! authenticated and re-hashed as it is decoded, so what a client reads is bit-exact or
@@ -26,8 +27,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use anyhow::{Context, Result};
 use keel_net::{CancellationToken, Export, ExportError, ExportErrorKind, NbdServer};
 use keel_snapshot::create::utc_display;
-use keel_snapshot::manifest::{ChunkRef, Manifest};
-use keel_snapshot::restore::fetch_chunk;
+use keel_snapshot::manifest::piece::{piece_entry, PIECE_HEADER_LEN};
+use keel_snapshot::manifest::{ChunkRef, Layout, Manifest, HOLE};
+use keel_snapshot::vault::fetch_chunk;
 use keel_snapshot::vault::Vault;
 use keel_snapshot::{ChunkId, TenantKey};
 
@@ -124,28 +126,67 @@ impl SnapshotExport {
     }
 
     fn fetch(&self, index: usize, id: &ChunkId, len: u64) -> Result<Vec<u8>, ExportError> {
+        let plain =
+            self.fetch_from_vaults(&format!("chunk {index}"), id).map_err(|e| self.chunk_error(index, id, e))?;
+        if plain.len() as u64 != len {
+            return Err(self.chunk_error(
+                index,
+                id,
+                format!("decodes to {} bytes, the manifest expects {len}", plain.len()),
+            ));
+        }
+        Ok(plain)
+    }
+
+    /// Chunk `id` (`what`: "chunk 5", "index chunk 0") from the first vault with a good
+    /// copy; a copy that had to come from a later vault is logged (handled here, so logged
+    /// here).
+    fn fetch_from_vaults(&self, what: &str, id: &ChunkId) -> Result<Vec<u8>, String> {
         let vaults: Vec<&dyn Vault> = self.vaults.iter().map(|v| v.as_ref()).collect();
         match fetch_chunk(&self.key, &vaults, id) {
             Ok((plain, fallback)) => {
                 if let Some(errors) = fallback {
-                    // Handled here (served from a later vault), so logged here.
                     tracing::warn!(
                         export = %self.name,
-                        "chunk {index} ({id}) served from a fallback vault after: {errors}; \
+                        "{what} ({id}) served from a fallback vault after: {errors}; \
                          run `keel snapshot verify` to heal the bad copy"
                     );
                 }
-                if plain.len() as u64 != len {
-                    return Err(self.chunk_error(
-                        index,
-                        id,
-                        format!("decodes to {} bytes, the manifest expects {len}", plain.len()),
-                    ));
-                }
                 Ok(plain)
             }
-            Err(errors) => {
-                Err(self.chunk_error(index, id, format!("no good copy in any vault: {}", errors.join("; "))))
+            Err(errors) => Err(format!("no good copy in any vault: {}", errors.join("; "))),
+        }
+    }
+
+    /// The manifest's entry for chunk `index`: inline, or read from its index chunk
+    /// (cached like data chunks).
+    fn entry(&self, index: usize) -> Result<ChunkRef, ExportError> {
+        let missing = || self.invalid(format!("chunk {index} has no manifest entry"));
+        match self.manifest.layout() {
+            Layout::Inline(chunks) => chunks.get(index).map(ChunkRef::from_raw).ok_or_else(missing),
+            Layout::Indexed { fanout, index: pieces } => {
+                let fanout = fanout as usize;
+                let piece = index / fanout;
+                let raw = *pieces.get(piece).ok_or_else(missing)?;
+                if raw == HOLE {
+                    return Ok(ChunkRef::Hole);
+                }
+                let id = ChunkId(raw);
+                let count = (self.manifest.chunk_count().saturating_sub(piece * fanout)).min(fanout);
+                let index_error = |what: String| {
+                    ExportError::new(
+                        ExportErrorKind::Io,
+                        format!("snapshot {}: index chunk {piece} ({id}) over chunk {index}: {what}", self.name),
+                    )
+                };
+                let plain = self.cache.get_or_fetch(&id, || {
+                    let plain = self.fetch_from_vaults(&format!("index chunk {piece}"), &id).map_err(index_error)?;
+                    if plain.len() != PIECE_HEADER_LEN + 32 * count {
+                        return Err(index_error(format!("decodes to {} bytes for {count} entries", plain.len())));
+                    }
+                    Ok(plain)
+                })?;
+                piece_entry(&plain, count, index % fanout).map(|raw| ChunkRef::from_raw(&raw)).map_err(index_error)
             }
         }
     }
@@ -195,17 +236,15 @@ impl Export for SnapshotExport {
             let within = position - chunk_offset;
             let take = (chunk_len - within).min(end - position);
             let (dest, tail) = std::mem::take(&mut rest).split_at_mut(take as usize);
-            match self.manifest.chunk(index) {
-                Some(ChunkRef::Hole) => dest.fill(0),
-                Some(ChunkRef::Data(id)) => {
+            match self.entry(index)? {
+                ChunkRef::Hole => dest.fill(0),
+                ChunkRef::Data(id) => {
                     let data = self.chunk(index, &id, chunk_len)?;
                     let source = data.get(within as usize..(within + take) as usize).ok_or_else(|| {
                         self.chunk_error(index, &id, format!("has no bytes {within}..{}", within + take))
                     })?;
                     dest.copy_from_slice(source);
                 }
-                // The manifest was validated: chunk_count covers volume_size.
-                None => return Err(self.invalid(format!("offset {position} has no manifest entry"))),
             }
             rest = tail;
             position += take;
@@ -237,7 +276,7 @@ impl Export for SnapshotExport {
         while position < end {
             let index = self.chunk_index(position)?;
             let (chunk_offset, chunk_len) = self.manifest.chunk_range(index);
-            let hole = matches!(self.manifest.chunk(index), Some(ChunkRef::Hole));
+            let hole = self.entry(index)? == ChunkRef::Hole;
             let run_end = (chunk_offset + chunk_len).min(end);
             let length = run_end - position;
             match runs.last_mut() {
@@ -460,7 +499,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use keel_snapshot::create::{create_snapshot, Changed, CreateOptions, Source};
-    use keel_snapshot::maintain::{copy_snapshot, distinct_chunks, read_manifest};
+    use keel_snapshot::maintain::{copy_snapshot, read_manifest};
+    use keel_snapshot::manifest::ChunkMap;
     use keel_snapshot::vault::testing::HookedVault;
     use keel_snapshot::vault::LocalVault;
 
@@ -565,7 +605,8 @@ mod tests {
 
         fn chunk_id(&self, vault: &LocalVault, index: usize) -> ChunkId {
             let manifest = read_manifest(vault, &self.manifest_key, None).unwrap();
-            let Some(ChunkRef::Data(id)) = manifest.chunk(index) else { panic!("chunk {index} is a hole") };
+            let entry = ChunkMap::new(&self.key, &[vault as &dyn Vault], &manifest).entry(index as u64).unwrap();
+            let ChunkRef::Data(id) = entry else { panic!("chunk {index} is a hole") };
             id
         }
 
@@ -616,9 +657,11 @@ mod tests {
         // Past the end: refused, not truncated or a panic.
         let err = read(&export, f.data.len() as u64 - 512, 1024).unwrap_err();
         assert_eq!(err.kind(), ExportErrorKind::InvalidArgument, "{err}");
-        // Holes are never fetched; the duplicate chunk is fetched once.
-        let data_chunks = distinct_chunks(export.manifest()).len();
-        assert_eq!(f.gets.load(Ordering::Relaxed), data_chunks);
+        // Holes are never fetched; the duplicate chunk is fetched once, and the index
+        // chunk listing them once.
+        let vault: &dyn Vault = &f.first.inner;
+        let data_chunks = ChunkMap::new(&f.key, &[vault], export.manifest()).distinct_data().unwrap().len();
+        assert_eq!(f.gets.load(Ordering::Relaxed), data_chunks + 1);
     }
 
     #[test]
@@ -656,17 +699,21 @@ mod tests {
     #[test]
     fn the_cache_stays_within_its_bound_and_serves_repeated_reads() {
         let f = fixture();
-        let export = f.export(f.both()).with_cache_bytes(3 * CHUNK as u64);
-        // Chunk-sized pieces of chunk 0, as a client with small requests reads: one fetch.
+        // Room for three data chunks and the index chunk listing all 25 (used at every
+        // read, so never the least recently used).
+        let bound = 3 * CHUNK as u64 + (PIECE_HEADER_LEN + 32 * 25) as u64;
+        let export = f.export(f.both()).with_cache_bytes(bound);
+        // Chunk-sized pieces of chunk 0, as a client with small requests reads: one fetch,
+        // and one of the index chunk.
         for piece in 0..8 {
             read(&export, piece * 512, 512).unwrap();
         }
-        assert_eq!(f.gets.load(Ordering::Relaxed), 1);
+        assert_eq!(f.gets.load(Ordering::Relaxed), 2);
         // A full pass evicts down to the bound at every step.
         for index in 0..25u64 {
             read(&export, index * CHUNK as u64, 512).unwrap();
             let (bytes, chunks) = export.cached();
-            assert!(bytes <= 3 * CHUNK as u64 && chunks <= 3, "{bytes} bytes in {chunks} chunks");
+            assert!(bytes <= bound && chunks <= 4, "{bytes} bytes in {chunks} chunks");
         }
         // The three most recently used data chunks (22, 23 and the tail, 24) stay.
         let before = f.gets.load(Ordering::Relaxed);
@@ -694,7 +741,7 @@ mod tests {
                 });
             }
         });
-        assert_eq!(f.gets.load(Ordering::Relaxed), 1);
+        assert_eq!(f.gets.load(Ordering::Relaxed), 2, "the chunk and its index chunk, once each");
     }
 
     #[test]
@@ -712,8 +759,7 @@ mod tests {
     #[test]
     fn a_chunk_bad_in_every_vault_is_an_io_error_naming_it() {
         let f = fixture();
-        let manifest = read_manifest(&f.first.inner, &f.manifest_key, None).unwrap();
-        let Some(ChunkRef::Data(id)) = manifest.chunk(7) else { panic!("chunk 7 is a hole") };
+        let id = f.chunk_id(&f.first.inner, 7);
         f.damage_chunk(&f.first.inner, 7, 100);
         f.delete_chunk(&f.second, 7);
         let export = f.export(f.both());

@@ -227,6 +227,29 @@ pub trait Vault: Send + Sync + fmt::Debug {
     fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectEntry>, VaultError>;
 }
 
+/// Fetches and decodes chunk `id`, trying each vault in turn. Returns the plaintext and,
+/// when a later vault had to answer, the errors of the ones before.
+pub fn fetch_chunk(
+    key: &crate::key::TenantKey,
+    vaults: &[&dyn Vault],
+    id: &ChunkId,
+) -> Result<(Vec<u8>, Option<String>), Vec<String>> {
+    let mut errors = Vec::new();
+    for vault in vaults {
+        let result = vault.get_chunk(id).map_err(|e: VaultError| e.to_string()).and_then(|frame| {
+            crate::chunk::decode_chunk(key, id, &frame).map_err(|e: ChunkError| format!("vault {}: {e}", vault.name()))
+        });
+        match result {
+            Ok(plain) => return Ok((plain, (!errors.is_empty()).then(|| errors.join("; ")))),
+            Err(e) => errors.push(e),
+        }
+    }
+    if vaults.is_empty() {
+        errors.push("no vault given".into());
+    }
+    Err(errors)
+}
+
 /// Object keys: the layout every backend shares, so a vault's contents can be copied
 /// between backends as they are.
 ///

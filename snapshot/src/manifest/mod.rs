@@ -1,18 +1,26 @@
 //! Snapshot manifests: which chunk holds each chunk-sized piece of a volume at one marker.
 //!
-//! A manifest is a 96-byte header followed by an rkyv archive of [`ManifestV1`]
-//! (docs/format-manifest.md has the byte diagram):
+//! A manifest is a 96-byte header followed by an rkyv archive (docs/format-manifest.md has
+//! the byte diagrams):
 //!
 //! - the header carries magic `KMAN`, the format version, the body length, a crc32 of the
 //!   body, a keyed BLAKE3 MAC (the tenant's manifest subkey) over the header's first 24
 //!   bytes and the body, and a crc32 of the header itself;
 //! - the body is validated with rkyv's bytecheck on every load (never trusted), then read
-//!   in place: a large manifest is memory-mapped, not deserialized, so a 16 TiB volume's
-//!   list of 64 KiB chunks (256 Mi entries of 32 bytes) costs page cache, not heap.
+//!   in place (memory-mapped when local), never deserialized.
+//!
+//! Since version 3 the body does not list the chunks itself. It lists *index chunks*
+//! ([`piece`]): each holds the ids of [`INDEX_FANOUT`] consecutive chunks and is stored,
+//! sealed and deduplicated like a data chunk. A snapshot that changed a few chunks of a
+//! large volume writes only the index chunks over them (plus 32 bytes per 128 MiB of
+//! volume in the manifest), and shares the rest with its parent: the cost of a snapshot
+//! follows the change, not the volume. Versions 1 and 2 list every chunk inline and are
+//! still read. [`ChunkMap`] reads the entries of any version, loading index chunks from
+//! the vaults as they are needed.
 //!
 //! Structure can be checked without the key ([`Manifest::from_bytes`]: crcs and rkyv
-//! validation) — enough for garbage collection in a vault that holds no keys. Restores
-//! and copies also call [`Manifest::authenticate`], which needs the tenant key.
+//! validation). Restores and copies also call [`Manifest::authenticate`]; reading the
+//! entries of a version 3 manifest needs the key (the index chunks are encrypted).
 //!
 //! Manifests are written last: a snapshot whose manifest is absent does not exist, so an
 //! interrupted upload is invisible and the next attempt resumes by skipping the chunks
@@ -29,17 +37,27 @@ use rkyv::util::AlignedVec;
 use crate::error::ManifestError;
 use crate::key::{ChunkId, TenantKey};
 
+mod map;
+pub mod piece;
+
+pub use map::{ChunkMap, Piece};
+
 /// The four magic bytes at the start of every manifest.
 pub const MANIFEST_MAGIC: [u8; 4] = *b"KMAN";
 /// Length of the fixed header; a multiple of 16 so the rkyv body stays aligned.
 pub const MANIFEST_HEADER_LEN: usize = 96;
-/// The newest format version: 2, a version 1 body plus the consistency group. This build
-/// writes version 1 for a snapshot of one volume (so builds that only read version 1 can
-/// read it) and version 2 for a member of a group; it reads both.
-pub const MANIFEST_VERSION: u16 = 2;
-/// Largest body accepted (rkyv's 32-bit relative pointers; 1 GiB is 32 Mi chunks, 2 TiB
-/// of volume at 64 KiB chunks or 32 TiB at 1 MiB).
+/// The newest format version: 3, the chunk ids in index chunks. This build writes version
+/// 3 and reads 1, 2 and 3.
+pub const MANIFEST_VERSION: u16 = 3;
+/// Largest body accepted (rkyv's 32-bit relative pointers). Inline (versions 1 and 2):
+/// 32 Mi chunks, 2 TiB of volume at 64 KiB chunks. Indexed (version 3): 32 Mi index
+/// chunks, far beyond any volume (16 TiB at 4 KiB chunks needs 2 Mi).
 pub const MAX_MANIFEST_BODY: u64 = 1 << 30;
+/// Chunk ids per index chunk written by this build: an index chunk of 64 KiB of ids
+/// covers 128 MiB of volume at 64 KiB chunks.
+pub const INDEX_FANOUT: u32 = 2048;
+/// Smallest and largest fanout a manifest may declare (powers of two).
+pub const FANOUT_RANGE: std::ops::RangeInclusive<u32> = 16..=16384;
 /// The id stored for a chunk that is all zeros (a hole: nothing stored, reads as zeros).
 pub const HOLE: [u8; 32] = [0; 32];
 
@@ -51,7 +69,8 @@ pub struct StatsV1 {
     pub chunks_read: u64,
     /// Chunks that are holes (all zeros).
     pub zero_chunks: u64,
-    /// Chunks this snapshot uploaded because the store did not have them.
+    /// Data chunks this snapshot uploaded because the store did not have them (its index
+    /// chunks are not counted: `CreateReport::index_written`).
     pub new_chunks: u64,
     /// Encoded bytes of those new chunks.
     pub new_stored_bytes: u64,
@@ -120,6 +139,43 @@ pub struct ManifestV2 {
     pub group: GroupV2,
 }
 
+/// The body of a version 3 manifest: the chunk ids live in index chunks.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct ManifestV3 {
+    /// Everything a version 1 manifest holds, except that `base.chunks` is empty.
+    pub base: ManifestV1,
+    /// The consistency group, for a member of one.
+    pub group: Option<GroupV2>,
+    /// Chunk ids per index chunk (a power of two in [`FANOUT_RANGE`]); the last index
+    /// chunk holds the rest.
+    pub fanout: u32,
+    /// One id per index chunk, in volume order; [`HOLE`] for a range that is all holes
+    /// (nothing stored).
+    pub index: Vec<[u8; 32]>,
+}
+
+impl ManifestV3 {
+    /// Number of index chunks for `chunk_count` chunks at `fanout`.
+    pub fn index_count(chunk_count: u64, fanout: u32) -> u64 {
+        chunk_count.div_ceil(u64::from(fanout.max(1)))
+    }
+}
+
+/// How a manifest holds its chunk ids.
+#[derive(Debug, Clone, Copy)]
+pub enum Layout<'a> {
+    /// Versions 1 and 2: every chunk id, in volume order.
+    Inline(&'a [[u8; 32]]),
+    /// Version 3: index chunk ids, each covering `fanout` chunks.
+    Indexed {
+        /// Chunk ids per index chunk.
+        fanout: u32,
+        /// One id per index chunk; [`HOLE`] for an all-hole range.
+        index: &'a [[u8; 32]],
+    },
+}
+
 /// One entry of a manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkRef {
@@ -130,7 +186,16 @@ pub enum ChunkRef {
 }
 
 impl ChunkRef {
-    fn from_raw(raw: &[u8; 32]) -> Self {
+    /// The raw id ([`HOLE`] for a hole).
+    pub fn raw(&self) -> [u8; 32] {
+        match self {
+            ChunkRef::Hole => HOLE,
+            ChunkRef::Data(id) => id.0,
+        }
+    }
+
+    /// The entry for a raw id ([`HOLE`] is a hole).
+    pub fn from_raw(raw: &[u8; 32]) -> Self {
         if *raw == HOLE {
             ChunkRef::Hole
         } else {
@@ -139,28 +204,42 @@ impl ChunkRef {
     }
 }
 
-/// Serializes `manifest` and seals it with `key` as a version 1 manifest: the bytes to store.
-pub fn encode_manifest(key: &TenantKey, manifest: &ManifestV1) -> Result<Vec<u8>, ManifestError> {
-    check_encodable(key, manifest)?;
+/// Serializes `manifest` and seals it with `key` as a version 3 manifest: the bytes to
+/// store. Its index chunks must be stored before it ([`crate::create`] does both).
+pub fn encode_manifest(key: &TenantKey, manifest: &ManifestV3) -> Result<Vec<u8>, ManifestError> {
+    let base = &manifest.base;
+    if base.key_id != key.key_id() {
+        return Err(ManifestError::Encode("the manifest's key_id is not this key's".into()));
+    }
+    if let Some(group) = &manifest.group {
+        check_group(group, &base.volume).map_err(ManifestError::Encode)?;
+    }
+    check_index(base, manifest.fanout, manifest.index.len()).map_err(ManifestError::Encode)?;
+    let body = rkyv::to_bytes::<rancor::Error>(manifest).map_err(|e| ManifestError::Encode(e.to_string()))?;
+    seal(key, 3, &body)
+}
+
+/// Writes a version 1 manifest (every chunk inline), as builds before version 3 did:
+/// kept so the reader of old manifests stays tested.
+#[cfg(any(test, feature = "testing"))]
+pub fn encode_manifest_v1(key: &TenantKey, manifest: &ManifestV1) -> Result<Vec<u8>, ManifestError> {
+    check_inline(key, manifest)?;
     let body = rkyv::to_bytes::<rancor::Error>(manifest).map_err(|e| ManifestError::Encode(e.to_string()))?;
     seal(key, 1, &body)
 }
 
-/// Serializes a group member's `manifest` and seals it with `key` as a version 2 manifest.
-pub fn encode_group_manifest(key: &TenantKey, manifest: &ManifestV2) -> Result<Vec<u8>, ManifestError> {
-    check_encodable(key, &manifest.base)?;
-    let group = &manifest.group;
-    if !group.members.windows(2).all(|w| w[0] < w[1]) || !group.members.contains(&manifest.base.volume) {
-        return Err(ManifestError::Encode(format!(
-            "group {:?}: members {:?} are not sorted and unique, or lack volume {:?}",
-            group.name, group.members, manifest.base.volume
-        )));
-    }
+/// Writes a version 2 manifest (a group member, every chunk inline), as builds before
+/// version 3 did: kept so the reader of old manifests stays tested.
+#[cfg(any(test, feature = "testing"))]
+pub fn encode_manifest_v2(key: &TenantKey, manifest: &ManifestV2) -> Result<Vec<u8>, ManifestError> {
+    check_inline(key, &manifest.base)?;
+    check_group(&manifest.group, &manifest.base.volume).map_err(ManifestError::Encode)?;
     let body = rkyv::to_bytes::<rancor::Error>(manifest).map_err(|e| ManifestError::Encode(e.to_string()))?;
     seal(key, 2, &body)
 }
 
-fn check_encodable(key: &TenantKey, manifest: &ManifestV1) -> Result<(), ManifestError> {
+#[cfg(any(test, feature = "testing"))]
+fn check_inline(key: &TenantKey, manifest: &ManifestV1) -> Result<(), ManifestError> {
     if manifest.key_id != key.key_id() {
         return Err(ManifestError::Encode("the manifest's key_id is not this key's".into()));
     }
@@ -172,6 +251,48 @@ fn check_encodable(key: &TenantKey, manifest: &ManifestV1) -> Result<(), Manifes
             manifest.volume_size,
             manifest.chunk_size
         )));
+    }
+    Ok(())
+}
+
+/// A group's members must be sorted, unique, and include `volume`.
+fn check_group(group: &GroupV2, volume: &str) -> Result<(), String> {
+    check_members(&group.name, group.members.iter().map(String::as_str), volume)
+}
+
+fn check_members<'a>(name: &str, members: impl Iterator<Item = &'a str> + Clone, volume: &str) -> Result<(), String> {
+    let sorted = members.clone().zip(members.clone().skip(1)).all(|(a, b)| a < b);
+    if !sorted || !members.clone().any(|m| m == volume) {
+        return Err(format!(
+            "group {name:?}: members {:?} are not sorted and unique, or lack volume {volume:?}",
+            members.collect::<Vec<_>>()
+        ));
+    }
+    Ok(())
+}
+
+/// A version 3 body's shape: no inline chunks, a fanout in range, one index entry per
+/// `fanout` chunks.
+fn check_index(base: &ManifestV1, fanout: u32, index_len: usize) -> Result<(), String> {
+    check_index_shape(base.volume_size, base.chunk_size, base.chunks.len(), fanout, index_len)
+}
+
+fn check_index_shape(size: u64, chunk_size: u32, inline: usize, fanout: u32, index_len: usize) -> Result<(), String> {
+    if chunk_size == 0 {
+        return Err("chunk size 0".into());
+    }
+    if inline != 0 {
+        return Err(format!("{inline} inline chunk entries in an indexed manifest"));
+    }
+    if !fanout.is_power_of_two() || !FANOUT_RANGE.contains(&fanout) {
+        return Err(format!("index fanout {fanout} is not a power of two in {FANOUT_RANGE:?}"));
+    }
+    let expected = ManifestV3::index_count(ManifestV1::chunk_count(size, chunk_size), fanout);
+    if index_len as u64 != expected {
+        return Err(format!(
+            "{index_len} index entries for a {size}-byte volume at {chunk_size}-byte chunks and fanout {fanout} \
+             (expected {expected})"
+        ));
     }
     Ok(())
 }
@@ -219,7 +340,7 @@ impl Deref for Bytes {
 pub struct Manifest {
     bytes: Bytes,
     body_len: usize,
-    /// 1 or 2 (validated).
+    /// 1, 2 or 3 (validated).
     version: u16,
 }
 
@@ -312,31 +433,32 @@ impl Manifest {
             return Err(ManifestError::ChecksumMismatch { part: "body", expected: stored_body_crc, got: body_crc });
         }
         let invalid = |e: rancor::Error| ManifestError::Corruption { what: format!("body fails validation: {e}") };
-        let archived = match version {
-            1 => rkyv::access::<ArchivedManifestV1, rancor::Error>(body).map_err(invalid)?,
-            _ => {
-                let v2 = rkyv::access::<ArchivedManifestV2, rancor::Error>(body).map_err(invalid)?;
-                let members = &v2.group.members;
-                if !members.windows(2).all(|w| w[0].as_str() < w[1].as_str())
-                    || !members.iter().any(|m| m.as_str() == v2.base.volume.as_str())
-                {
-                    return Err(ManifestError::Corruption {
-                        what: "group members are not sorted and unique, or lack the volume".into(),
-                    });
-                }
-                &v2.base
+        let corrupt = |what: String| ManifestError::Corruption { what };
+        match version {
+            1 => {
+                let v1 = rkyv::access::<ArchivedManifestV1, rancor::Error>(body).map_err(invalid)?;
+                check_inline_archived(v1).map_err(corrupt)?;
             }
-        };
-        let chunk_size = archived.chunk_size.to_native();
-        let size = archived.volume_size.to_native();
-        let expected = ManifestV1::chunk_count(size, chunk_size);
-        if chunk_size == 0 || archived.chunks.len() as u64 != expected {
-            return Err(ManifestError::Corruption {
-                what: format!(
-                    "{} chunk entries for a {size}-byte volume at {chunk_size}-byte chunks",
-                    archived.chunks.len()
-                ),
-            });
+            2 => {
+                let v2 = rkyv::access::<ArchivedManifestV2, rancor::Error>(body).map_err(invalid)?;
+                check_archived_group(&v2.group, &v2.base.volume).map_err(corrupt)?;
+                check_inline_archived(&v2.base).map_err(corrupt)?;
+            }
+            _ => {
+                let v3 = rkyv::access::<ArchivedManifestV3, rancor::Error>(body).map_err(invalid)?;
+                if let Some(group) = v3.group.as_ref() {
+                    check_archived_group(group, &v3.base.volume).map_err(corrupt)?;
+                }
+                let base = &v3.base;
+                check_index_shape(
+                    base.volume_size.to_native(),
+                    base.chunk_size.to_native(),
+                    base.chunks.len(),
+                    v3.fanout.to_native(),
+                    v3.index.len(),
+                )
+                .map_err(corrupt)?;
+            }
         }
         Ok(Manifest { bytes, body_len, version })
     }
@@ -345,34 +467,63 @@ impl Manifest {
         &self.bytes[MANIFEST_HEADER_LEN..MANIFEST_HEADER_LEN + self.body_len]
     }
 
-    /// The validated archive.
-    /// The validated archive of the version 1 part (all of a version 1 manifest).
+    /// The validated archive of the version 1 part: all of a version 1 manifest; in a
+    /// version 3 manifest, everything but the chunk ids (`chunks` is empty: see
+    /// [`Manifest::layout`]).
     pub fn archived(&self) -> &ArchivedManifestV1 {
-        match self.archived_v2() {
-            Some(v2) => &v2.base,
-            // SAFETY: `validate` ran `rkyv::access` (full bytecheck validation) as a version
-            // 1 body over exactly these bytes, which are immutable for the life of `self`
-            // (an owned buffer, or a mapping of a file that is never modified in place), and
-            // 16-byte aligned (an AlignedVec<16> or a page-aligned mapping, plus a 96-byte
-            // header).
-            None => unsafe { rkyv::access_unchecked::<ArchivedManifestV1>(self.body()) },
+        // Why the unchecked accesses are sound: `validate` ran `rkyv::access` (full
+        // bytecheck validation) on exactly these bytes as the body type of
+        // `self.version`; they are immutable for the life of `self` (an owned buffer, or a
+        // mapping of a file that is never modified in place) and 16-byte aligned (an
+        // AlignedVec<16> or a page-aligned mapping, plus a 96-byte header).
+        match self.version {
+            // SAFETY: see above; version 1 was validated as a version 1 body.
+            1 => unsafe { rkyv::access_unchecked::<ArchivedManifestV1>(self.body()) },
+            // SAFETY: see above; version 2 was validated as a version 2 body.
+            2 => &unsafe { rkyv::access_unchecked::<ArchivedManifestV2>(self.body()) }.base,
+            _ => &self.archived_v3().base,
         }
     }
 
-    /// The validated version 2 archive, for a version 2 manifest.
-    fn archived_v2(&self) -> Option<&ArchivedManifestV2> {
-        // SAFETY: as in `archived`: `validate` checked these bytes as a version 2 body.
-        (self.version == 2).then(|| unsafe { rkyv::access_unchecked::<ArchivedManifestV2>(self.body()) })
+    fn archived_v3(&self) -> &ArchivedManifestV3 {
+        debug_assert_eq!(self.version, 3);
+        // SAFETY: as in `archived`; called only for version 3.
+        unsafe { rkyv::access_unchecked::<ArchivedManifestV3>(self.body()) }
     }
 
-    /// The format version (1 or 2).
+    /// The format version (1, 2 or 3).
     pub fn version(&self) -> u16 {
         self.version
     }
 
     /// The consistency group this snapshot belongs to: its name and every member volume.
     pub fn group(&self) -> Option<(&str, Vec<&str>)> {
-        self.archived_v2().map(|v2| (v2.group.name.as_str(), v2.group.members.iter().map(|m| m.as_str()).collect()))
+        let group = match self.version {
+            1 => None,
+            // SAFETY: as in `archived`.
+            2 => Some(&unsafe { rkyv::access_unchecked::<ArchivedManifestV2>(self.body()) }.group),
+            _ => self.archived_v3().group.as_ref(),
+        }?;
+        Some((group.name.as_str(), group.members.iter().map(|m| m.as_str()).collect()))
+    }
+
+    /// Where the chunk ids are: inline, or in index chunks.
+    pub fn layout(&self) -> Layout<'_> {
+        if self.version < 3 {
+            Layout::Inline(self.archived().chunks.as_slice())
+        } else {
+            let v3 = self.archived_v3();
+            Layout::Indexed { fanout: v3.fanout.to_native(), index: v3.index.as_slice() }
+        }
+    }
+
+    /// The distinct index chunks (none for versions 1 and 2), sorted.
+    pub fn index_chunks(&self) -> Vec<ChunkId> {
+        let Layout::Indexed { index, .. } = self.layout() else { return Vec::new() };
+        let mut ids: Vec<ChunkId> = index.iter().filter(|raw| **raw != HOLE).map(|raw| ChunkId(*raw)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Checks that the manifest was written under `key` and not altered since.
@@ -456,17 +607,8 @@ impl Manifest {
 
     /// Number of chunks.
     pub fn chunk_count(&self) -> usize {
-        self.archived().chunks.len()
-    }
-
-    /// Entry `index`, or `None` past the end.
-    pub fn chunk(&self, index: usize) -> Option<ChunkRef> {
-        self.archived().chunks.get(index).map(ChunkRef::from_raw)
-    }
-
-    /// Every entry in volume order.
-    pub fn chunks(&self) -> impl Iterator<Item = ChunkRef> + '_ {
-        self.archived().chunks.iter().map(ChunkRef::from_raw)
+        // Validated against the inline list or the index on load.
+        ManifestV1::chunk_count(self.volume_size(), self.chunk_size()) as usize
     }
 
     /// The byte range of chunk `index` in the volume: (offset, length).
@@ -476,16 +618,26 @@ impl Manifest {
         (offset, u64::from(self.chunk_size()).min(size.saturating_sub(offset)))
     }
 
-    /// A deserialized copy (for building a child manifest).
-    pub fn to_owned_manifest(&self) -> Result<ManifestV1, ManifestError> {
-        rkyv::deserialize::<ManifestV1, rancor::Error>(self.archived())
-            .map_err(|e| ManifestError::Corruption { what: format!("deserialize: {e}") })
-    }
-
     /// The raw bytes (header and body), e.g. to copy the manifest to another vault.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
+}
+
+fn check_inline_archived(base: &ArchivedManifestV1) -> Result<(), String> {
+    let chunk_size = base.chunk_size.to_native();
+    let size = base.volume_size.to_native();
+    if chunk_size == 0 || base.chunks.len() as u64 != ManifestV1::chunk_count(size, chunk_size) {
+        return Err(format!(
+            "{} chunk entries for a {size}-byte volume at {chunk_size}-byte chunks",
+            base.chunks.len()
+        ));
+    }
+    Ok(())
+}
+
+fn check_archived_group(group: &ArchivedGroupV2, volume: &rkyv::string::ArchivedString) -> Result<(), String> {
+    check_members(group.name.as_str(), group.members.iter().map(|m| m.as_str()), volume.as_str())
 }
 
 fn le_u32(bytes: &[u8]) -> u32 {
@@ -502,129 +654,4 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(key: &TenantKey, chunks: usize) -> ManifestV1 {
-        ManifestV1 {
-            snapshot_id: "20261130T070000Z-00c0ffee".into(),
-            volume: "db".into(),
-            marker: "daily".into(),
-            node: "node-b".into(),
-            key_id: key.key_id(),
-            created_unix: 1_795_000_000,
-            marker_seq: 42,
-            parent: Some("20261129T150000Z-12345678".into()),
-            full_read: false,
-            volume_size: chunks as u64 * 65536 - 100,
-            chunk_size: 65536,
-            stats: StatsV1 { chunks_read: 3, zero_chunks: 1, new_chunks: 2, new_stored_bytes: 9, new_plain_bytes: 10 },
-            chunks: (0..chunks).map(|i| if i % 3 == 0 { HOLE } else { [i as u8; 32] }).collect(),
-        }
-    }
-
-    #[test]
-    fn group_members_are_version_2_and_carry_the_group() {
-        let key = TenantKey::from_bytes([5; 32]);
-        let group = GroupV2 { name: "shop".into(), members: vec!["db".into(), "files".into()] };
-        let m = ManifestV2 { base: sample(&key, 10), group: group.clone() };
-        let bytes = encode_group_manifest(&key, &m).unwrap();
-        let loaded = Manifest::load(&bytes, &key).unwrap();
-        assert_eq!(loaded.version(), 2);
-        assert_eq!(loaded.group(), Some(("shop", vec!["db", "files"])));
-        assert_eq!(loaded.to_owned_manifest().unwrap(), m.base);
-        assert_eq!(loaded.chunk(1), Some(ChunkRef::Data(ChunkId([1; 32]))));
-        // A single volume's snapshot stays version 1, without a group.
-        let v1 = Manifest::load(&encode_manifest(&key, &m.base).unwrap(), &key).unwrap();
-        assert_eq!((v1.version(), v1.group()), (1, None));
-        // Members must be sorted, unique and include the volume.
-        for members in [vec!["files", "db"], vec!["db", "db"], vec!["files", "logs"]] {
-            let group = GroupV2 { name: "shop".into(), members: members.iter().map(|s| (*s).to_owned()).collect() };
-            let bad = ManifestV2 { base: sample(&key, 10), group };
-            assert!(matches!(encode_group_manifest(&key, &bad), Err(ManifestError::Encode(_))), "{members:?}");
-        }
-        // The version is under the MAC: relabelled as version 1 (crcs fixed up), the body
-        // either fails validation or authentication.
-        let mut relabelled = bytes.clone();
-        relabelled[4] = 1;
-        let crc = crc32fast::hash(&relabelled[..92]);
-        relabelled[92..96].copy_from_slice(&crc.to_le_bytes());
-        assert!(Manifest::load(&relabelled, &key).is_err());
-    }
-
-    #[test]
-    fn round_trip_in_memory_and_mapped() {
-        let key = TenantKey::from_bytes([5; 32]);
-        let m = sample(&key, 10);
-        let bytes = encode_manifest(&key, &m).unwrap();
-        let loaded = Manifest::load(&bytes, &key).unwrap();
-        assert_eq!(loaded.to_owned_manifest().unwrap(), m);
-        assert_eq!(loaded.chunk(0), Some(ChunkRef::Hole));
-        assert_eq!(loaded.chunk(1), Some(ChunkRef::Data(ChunkId([1; 32]))));
-        assert_eq!(loaded.chunk(10), None);
-        assert_eq!(loaded.chunk_range(9), (9 * 65536, 65536 - 100));
-        assert_eq!(loaded.parent(), Some("20261129T150000Z-12345678"));
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.kman");
-        std::fs::write(&path, &bytes).unwrap();
-        let mapped = Manifest::open(&path).unwrap();
-        mapped.authenticate(&key).unwrap();
-        assert_eq!(mapped.chunks().collect::<Vec<_>>(), loaded.chunks().collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn every_flipped_byte_is_caught() {
-        let key = TenantKey::from_bytes([5; 32]);
-        let bytes = encode_manifest(&key, &sample(&key, 4)).unwrap();
-        for i in 0..bytes.len() {
-            let mut bad = bytes.clone();
-            bad[i] ^= 0x10;
-            assert!(Manifest::load(&bad, &key).is_err(), "flip at {i} not caught");
-        }
-        for len in 0..bytes.len() {
-            assert!(Manifest::from_bytes(&bytes[..len]).is_err(), "truncation to {len} not caught");
-        }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(Manifest::from_bytes(&longer).is_err());
-    }
-
-    #[test]
-    fn wrong_key_and_forgery_are_named() {
-        let key = TenantKey::from_bytes([5; 32]);
-        let other = TenantKey::from_bytes([6; 32]);
-        let bytes = encode_manifest(&key, &sample(&key, 4)).unwrap();
-        assert!(matches!(Manifest::load(&bytes, &other), Err(ManifestError::WrongKey { .. })));
-        // A forger without the key rewrites the chunk list and fixes both crcs.
-        let mut forged = sample(&key, 4);
-        forged.chunks[1] = [9; 32];
-        let mut forged_bytes = encode_manifest(&key, &forged).unwrap();
-        forged_bytes[24..56].copy_from_slice(&bytes[24..56]);
-        let crc = crc32fast::hash(&forged_bytes[..92]);
-        forged_bytes[92..96].copy_from_slice(&crc.to_le_bytes());
-        let structurally_fine = Manifest::from_bytes(&forged_bytes).unwrap();
-        assert!(matches!(structurally_fine.authenticate(&key), Err(ManifestError::Unauthenticated)));
-    }
-
-    #[test]
-    fn inconsistent_manifests_are_refused_at_encode() {
-        let key = TenantKey::from_bytes([5; 32]);
-        let mut m = sample(&key, 4);
-        m.chunks.pop();
-        assert!(encode_manifest(&key, &m).is_err());
-        let other = TenantKey::from_bytes([6; 32]);
-        assert!(encode_manifest(&other, &sample(&key, 4)).is_err());
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
-            let _ = Manifest::from_bytes(&bytes);
-            let mut framed = bytes.clone();
-            if framed.len() >= 4 {
-                framed[..4].copy_from_slice(&MANIFEST_MAGIC);
-            }
-            let _ = Manifest::from_bytes(&framed);
-        }
-    }
-}
+mod tests;
