@@ -233,6 +233,7 @@ fn create_json(op: &str, create: &CreateOptions, report: &CreateReport, seconds:
         "new_chunks": report.stats.new_chunks,
         "new_plain_bytes": report.stats.new_plain_bytes,
         "new_stored_bytes": report.stats.new_stored_bytes,
+        "index_written": report.index_written,
         "cpu_s": cpu_seconds(),
     });
     if let (Some(line), Value::Object(extra)) = (line.as_object_mut(), extra) {

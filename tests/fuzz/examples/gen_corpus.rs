@@ -26,6 +26,42 @@ fn main() {
     journal_recovery(&root.join("journal_recovery"));
     nbd_handshake(&root.join("nbd_handshake"));
     nbd_request(&root.join("nbd_request"));
+    snapshot_manifest(&root.join("snapshot_manifest"));
+}
+
+/// A version 3 manifest (whole, and its body for the target to frame) and an index chunk's
+/// plaintext, from the snapshot crate's own encoders.
+fn snapshot_manifest(dir: &Path) {
+    use keel_snapshot::manifest::piece::encode_piece;
+    use keel_snapshot::manifest::{encode_manifest, GroupV2, ManifestV1, ManifestV3, StatsV1, HOLE};
+    let key = keel_snapshot::TenantKey::from_bytes([7; 32]);
+    let entries: Vec<[u8; 32]> = (0..20u8).map(|i| if i % 4 == 0 { HOLE } else { [i; 32] }).collect();
+    let piece = encode_piece(&entries);
+    let manifest = ManifestV3 {
+        base: ManifestV1 {
+            snapshot_id: "20261201T070000.000000Z-00c0ffee".into(),
+            volume: "db".into(),
+            marker: "daily".into(),
+            node: "node-a".into(),
+            key_id: key.key_id(),
+            created_unix: 1_796_000_000,
+            marker_seq: 9,
+            parent: Some("20261130T070000.000000Z-12345678".into()),
+            full_read: false,
+            volume_size: 36 * 4096 - 100,
+            chunk_size: 4096,
+            stats: StatsV1::default(),
+            chunks: Vec::new(),
+        },
+        group: Some(GroupV2 { name: "shop".into(), members: vec!["db".into(), "files".into()] }),
+        fanout: 16,
+        index: vec![key.chunk_id(&piece).0, HOLE, [3; 32]],
+    };
+    let bytes = encode_manifest(&key, &manifest).expect("a valid manifest");
+    let with = |selector: u8, flags: u8, rest: &[u8]| [&[selector, flags][..], rest].concat();
+    write_seed(dir, "v3-whole", &with(2, 0, &bytes));
+    write_seed(dir, "v3-body", &with(2, 1, &bytes[96..]));
+    write_seed(dir, "index-chunk", &with(0, 0, &[&[20u8][..], &piece].concat()));
 }
 
 fn write_seed(dir: &Path, name: &str, bytes: &[u8]) {
