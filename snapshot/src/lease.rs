@@ -269,6 +269,19 @@ impl<'v> GcLease<'v> {
         Ok(())
     }
 
+    /// Extends the lease when a third of it has passed, after checking it is still live
+    /// (a long mark phase must not outlive it: uploads may start once it runs out).
+    pub fn renew(&mut self) -> Result<(), LeaseError> {
+        let now = now_unix();
+        if self.record.expires - now > LEASE_SECS * 2 / 3 {
+            return Ok(());
+        }
+        self.check()?;
+        self.record.expires = now + LEASE_SECS;
+        self.vault.put_object(&self.key, &encode(&self.record))?;
+        Ok(())
+    }
+
     /// Fails when the lease has run out (uploads may have started): stop sweeping.
     pub fn check(&self) -> Result<(), LeaseError> {
         check_live(self.vault, &self.key, &self.record)

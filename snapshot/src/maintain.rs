@@ -2,9 +2,10 @@
 //! forget snapshots, collect garbage.
 //!
 //! - **Copy** sends only the chunks the destination lacks (batched existence checks),
-//!   checks afterwards that the destination holds every referenced chunk, and writes the
-//!   manifest last — so an interrupted copy is invisible, and rerunning it resumes (the
-//!   chunks already sent are skipped).
+//!   checks afterwards that the destination holds them all, and writes the manifest last,
+//!   so an interrupted copy is invisible, and rerunning it resumes (the chunks already
+//!   sent are skipped). The ranges of an incremental whose index chunk is its parent's,
+//!   when the parent is in the destination already, are not even looked at (`copy_ids`).
 //! - **Verify** reads, authenticates, decompresses and re-hashes every chunk of the chosen
 //!   snapshots (or a rotating subset). A bad copy (missing, unreadable, or failing to
 //!   decode) is healed from the first other vault that holds a good one (the bad copy is
@@ -29,7 +30,7 @@ use crate::create::Progress;
 use crate::error::{IndexError, ManifestError};
 use crate::key::{ChunkId, TenantKey};
 use crate::lease::{now_unix, GcLease, LeaseError, UploadLease};
-use crate::manifest::{ChunkMap, Layout, Manifest, HOLE};
+use crate::manifest::{ChunkMap, ChunkRef, Layout, Manifest, HOLE};
 use crate::vault::{keys, ObjectEntry, Vault, VaultError};
 
 /// Ids checked per existence query.
@@ -147,7 +148,8 @@ pub fn list_snapshots(
 /// What a copy did.
 #[derive(Debug, Clone, Default)]
 pub struct CopyReport {
-    /// Distinct chunks the snapshot references.
+    /// Distinct chunks looked for in the destination: all the snapshot references, less
+    /// the ranges it shares with its parent when the destination holds that parent.
     pub chunks: u64,
     /// Chunks sent (the destination lacked them).
     pub sent: u64,
@@ -174,10 +176,11 @@ pub fn copy_snapshot(
             return Ok(report);
         }
     }
-    let ids = referenced_chunks(tenant, &[from], &manifest)?;
-    report.chunks = ids.len() as u64;
     let upload_id = format!("copy-{}@{}", manifest.volume(), manifest.snapshot_id());
     let mut lease = UploadLease::begin(to, holder, &upload_id, &format!("copy of {manifest_key}"))?;
+    // Under the lease, so no GC runs in `to` until this copy's manifest is written.
+    let ids = copy_ids(tenant, from, to, &manifest, &mut lease)?;
+    report.chunks = ids.len() as u64;
     let mut done = 0u64;
     for batch in ids.chunks(BATCH) {
         let present = to.has_chunks(batch)?;
@@ -215,6 +218,58 @@ pub fn copy_snapshot(
     to.put_object(manifest_key, manifest.as_bytes())?;
     lease.finish()?;
     Ok(report)
+}
+
+/// The chunks a copy of `manifest` to `to` must make sure `to` holds, sorted: its index
+/// chunks and the data they list (read from `from`), except the ranges whose index chunk
+/// is the same in the parent snapshot and that parent's manifest is in `to`. A manifest
+/// in a vault means every chunk it references was there when it was written, and GC keeps
+/// whatever a manifest references; the caller holds an upload lease, so no GC runs until
+/// this copy's manifest is written either. So a copy of an incremental looks only at the
+/// ranges that changed since a parent already copied: its cost follows the change. A
+/// parent that verify found damaged there proves nothing: then every range is looked at
+/// (and what is missing sent again), so damage does not spread down the chain.
+fn copy_ids(
+    tenant: &TenantKey,
+    from: &dyn Vault,
+    to: &dyn Vault,
+    manifest: &Manifest,
+    lease: &mut UploadLease<'_>,
+) -> Result<Vec<ChunkId>, MaintainError> {
+    let parent_there = manifest.parent().and_then(|parent| {
+        let key = keys::manifest(manifest.volume(), parent);
+        let sound = match verify_record(to, manifest.volume(), parent) {
+            Ok(record) => record.is_none_or(|r| r.ok),
+            Err(_) => false,
+        };
+        sound.then(|| read_manifest(to, &key, Some(tenant)).ok()).flatten()
+    });
+    let shared = |piece: usize, raw: &[u8; 32]| match (&parent_there, manifest.layout()) {
+        (Some(parent), Layout::Indexed { fanout, .. }) if parent.chunk_count() == manifest.chunk_count() => {
+            matches!(parent.layout(), Layout::Indexed { fanout: f, index } if f == fanout && index.get(piece) == Some(raw))
+        }
+        _ => false,
+    };
+    let map = ChunkMap::new(tenant, &[from], manifest);
+    let mut ids = Vec::new();
+    for piece in 0..map.pieces() {
+        // Reading a large snapshot's index can outlast the lease.
+        lease.renew()?;
+        match manifest.layout() {
+            Layout::Indexed { index, .. } => {
+                let Some(raw) = index.get(piece).filter(|raw| **raw != HOLE) else { continue };
+                if shared(piece, raw) {
+                    continue;
+                }
+                ids.push(ChunkId(*raw));
+            }
+            Layout::Inline(_) => {}
+        }
+        ids.extend(map.piece(piece)?.iter().filter(|raw| **raw != HOLE).map(|raw| ChunkId(*raw)));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
 /// Every chunk `manifest` needs, sorted: its index chunks and the data chunks they list
@@ -340,12 +395,14 @@ pub fn verify(
         bad_manifests: bad.iter().map(ToString::to_string).collect(),
         ..VerifyReport::default()
     };
-    // Heal a bad manifest from another vault that holds a good copy of it.
+    // Heal a bad manifest by copying the snapshot again from another vault that holds a
+    // good one: under an upload lease, sending whatever chunks it lacks, manifest last (its
+    // chunks may have gone with the bad manifest: GC could not see it reference them).
     for error in &bad {
         if let MaintainError::Manifest { key, .. } = error {
             for other in others {
-                if let Ok(good) = read_manifest(*other, key, Some(tenant)) {
-                    vault.put_object(key, good.as_bytes())?;
+                if read_manifest(*other, key, Some(tenant)).is_ok() {
+                    copy_snapshot(tenant, *other, vault, key, "verify", &|_| {})?;
                     report.bad_manifests.retain(|m| !m.contains(key.as_str()));
                     break;
                 }
@@ -353,6 +410,7 @@ pub fn verify(
         }
     }
     let mut verdicts: std::collections::HashMap<ChunkId, bool> = Default::default();
+    let mut expanded: std::collections::HashMap<ChunkId, RangeSummary> = Default::default();
     let total: u64 = listed.iter().map(|l| l.manifest.chunk_count() as u64).sum();
     let mut done = 0u64;
     // Index chunks are read from the vault verified, or (when they could not be healed
@@ -369,16 +427,37 @@ pub fn verify(
             continue;
         };
         let map = ChunkMap::new(tenant, &sources, &l.manifest);
+        let in_subset = |entries: &[[u8; 32]]| -> Vec<ChunkId> {
+            entries
+                .iter()
+                .filter(|raw| **raw != HOLE)
+                .map(|raw| ChunkId(*raw))
+                .filter(|id| subset.contains(id))
+                .collect()
+        };
         let mut ids = Vec::new();
+        // Ranges an earlier snapshot expanded and checked: counted from their summary, not
+        // read again (a chain of snapshots shares most index chunks).
+        let mut known = RangeSummary::default();
+        let mut fresh = Vec::new();
         for piece in 0..map.pieces() {
+            let index_id = match map.index_entry(piece) {
+                Some(ChunkRef::Data(id)) => Some(id),
+                _ => None,
+            };
+            // The same index chunk must be expected to hold as many entries here (it carries
+            // no position; a manifest that expects another count cannot read it).
+            let entries = (map.piece_range(piece).end - map.piece_range(piece).start) as usize;
+            if let Some(summary) = index_id.and_then(|id| expanded.get(&id)).filter(|s| s.entries == entries) {
+                known.chunks += summary.chunks;
+                known.lost.extend_from_slice(&summary.lost);
+                continue;
+            }
             match map.piece(piece) {
-                Ok(entries) => ids.extend(
-                    entries
-                        .iter()
-                        .filter(|raw| **raw != HOLE)
-                        .map(|raw| ChunkId(*raw))
-                        .filter(|id| subset.contains(id)),
-                ),
+                Ok(entries) => {
+                    ids.extend(in_subset(&entries));
+                    fresh.extend(index_id.map(|id| (piece, id)));
+                }
                 // The range's ids are unknown, so its data cannot be checked: the index
                 // chunk is lost for this verify, whether it had no good copy (already a
                 // finding) or decoded to something that is not its range's index.
@@ -396,7 +475,23 @@ pub fn verify(
             continue;
         };
         healed += healed_data;
+        // Summaries of the ranges expanded here, for the snapshots after (read once more
+        // rather than holding every range's ids meanwhile).
+        for (piece, id) in fresh {
+            if let Ok(entries) = map.piece(piece) {
+                let mut listed = in_subset(&entries);
+                listed.sort_unstable();
+                listed.dedup();
+                let lost = listed.iter().filter(|id| verdicts.get(*id) == Some(&false)).copied().collect();
+                expanded.insert(id, RangeSummary { entries: entries.len(), chunks: listed.len() as u64, lost });
+            }
+        }
+        // A chunk listed in two ranges, one of them known, counts twice.
+        let checked = (ids.len() + index_ids.len()) as u64 + known.chunks;
         ids.extend_from_slice(&index_ids);
+        ids.extend_from_slice(&known.lost);
+        ids.sort_unstable();
+        ids.dedup();
         let lost: Vec<String> =
             ids.iter().filter(|id| verdicts.get(*id) == Some(&false)).map(ToString::to_string).collect();
         // Forgotten after its chunks were read: no record to leave behind.
@@ -405,13 +500,24 @@ pub fn verify(
             progress(Progress { done, total });
             continue;
         }
-        let checked = ids.len() as u64;
         let record = VerifyRecord { version: 1, time: now_unix(), ok: lost.is_empty(), checked, healed, lost };
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
         vault.put_object(&verify_key(l.manifest.volume(), l.manifest.snapshot_id()), &bytes)?;
         progress(Progress { done, total });
     }
     Ok(report)
+}
+
+/// What verify learned about the range an index chunk lists, for the next snapshot that
+/// shares the index chunk.
+#[derive(Debug, Default)]
+struct RangeSummary {
+    /// Entries the index chunk holds.
+    entries: usize,
+    /// Distinct data chunks of the range in the subset checked.
+    chunks: u64,
+    /// Those found bad and not healed.
+    lost: Vec<ChunkId>,
 }
 
 /// Reads the chunks `ids` of snapshot `key` that no earlier snapshot settled, heals the bad
@@ -604,13 +710,28 @@ pub fn gc(
             Err(e) => return Err(e),
         };
         report.manifests += 1;
+        // A long mark must not outlive the lease: once it ran out, uploads may have reused
+        // chunks this GC would then sweep.
+        if let Some(lease) = lease.as_mut() {
+            lease.renew()?;
+        }
         match manifest.layout() {
             Layout::Inline(chunks) => referenced.extend(chunks.iter().filter(|c| **c != HOLE).copied()),
             Layout::Indexed { index, .. } => {
+                // Its entries can be read only under the key it was written with: say so
+                // (and stop) rather than fail on its first index chunk.
+                manifest.authenticate(tenant).map_err(|source| MaintainError::Manifest {
+                    vault: vault.name().to_owned(),
+                    key: entry.key.clone(),
+                    source,
+                })?;
                 let map = ChunkMap::new(tenant, &here, &manifest);
                 for (piece, raw) in index.iter().enumerate() {
                     if *raw == HOLE || !marked_index.insert(*raw) {
                         continue;
+                    }
+                    if let Some(lease) = lease.as_mut() {
+                        lease.renew()?;
                     }
                     referenced.push(*raw);
                     referenced.extend(map.piece(piece)?.iter().filter(|c| **c != HOLE).copied());
@@ -635,6 +756,10 @@ pub fn gc(
         let chunks = vault.list_chunks(after.as_ref(), page)?;
         let Some(last) = chunks.last() else { break };
         let last = last.id;
+        // Never delete once the lease ran out (uploads may be reusing these chunks).
+        if let Some(lease) = lease.as_mut() {
+            lease.renew()?;
+        }
         for entry in &chunks {
             report.examined += 1;
             if referenced.binary_search(&entry.id.0).is_ok() {
@@ -774,6 +899,49 @@ mod tests {
         let k2 = take(&key, &a, "db", &data, Some((&m1, vec![5, 40])));
         assert_eq!(copy_snapshot(&key, &a, &b, &k2, "n", &|_| {}).unwrap().sent, 3);
         assert!(image(&b, &key, &k2) == data);
+    }
+
+    /// A copy of an incremental whose parent is in the destination already looks only at
+    /// the ranges that changed; without the parent there, at everything.
+    #[test]
+    fn a_copy_after_its_parent_looks_only_at_the_changed_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let a = LocalVault::open_deferred("a", dir.path().join("a"), "t").unwrap();
+        let b = LocalVault::open_deferred("b", dir.path().join("b"), "t").unwrap();
+        let c = LocalVault::open_deferred("c", dir.path().join("c"), "t").unwrap();
+        // Three ranges of index (2048 chunks each) and a short fourth.
+        let fanout = crate::manifest::INDEX_FANOUT as usize;
+        let chunks = 3 * fanout + 7;
+        let mut data: Vec<u8> = vec![0; chunks * CHUNK];
+        for (i, block) in data.chunks_mut(CHUNK).enumerate() {
+            block[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        }
+        let k1 = take(&key, &a, "db", &data, None);
+        let r1 = copy_snapshot(&key, &a, &b, &k1, "n", &|_| {}).unwrap();
+        assert_eq!((r1.chunks, r1.sent), (chunks as u64 + 4, chunks as u64 + 4));
+        let m1 = read_manifest(&a, &k1, Some(&key)).unwrap();
+        data[fanout * CHUNK + 100] ^= 0xff;
+        let k2 = take(&key, &a, "db", &data, Some((&m1, vec![fanout as u64])));
+        // Range 1 changed: its index chunk and its 2048 ids are looked at, one of each sent.
+        let r2 = copy_snapshot(&key, &a, &b, &k2, "n", &|_| {}).unwrap();
+        assert_eq!((r2.chunks, r2.sent), (fanout as u64 + 1, 2));
+        assert!(image(&b, &key, &k2) == data);
+        // Where the parent is not, the whole snapshot is looked at.
+        let r3 = copy_snapshot(&key, &a, &c, &k2, "n", &|_| {}).unwrap();
+        assert_eq!((r3.chunks, r3.sent), (chunks as u64 + 4, chunks as u64 + 4));
+        assert!(image(&c, &key, &k2) == data);
+        // A parent that verify found damaged in the destination proves nothing: the next
+        // copy looks at everything and sends the lost chunk again.
+        let m2 = read_manifest(&a, &k2, Some(&key)).unwrap();
+        let ChunkRef::Data(lost) = ChunkMap::new(&key, &[&a], &m2).entry(5).unwrap() else { panic!("a hole") };
+        assert!(b.store().remove(&lost).unwrap());
+        assert!(!verify(&key, &b, &[], None, Subset::All, &|_| {}).unwrap().ok());
+        data[2 * fanout * CHUNK + 100] ^= 0xff;
+        let k3 = take(&key, &a, "db", &data, Some((&m2, vec![2 * fanout as u64])));
+        let r4 = copy_snapshot(&key, &a, &b, &k3, "n", &|_| {}).unwrap();
+        assert_eq!((r4.chunks, r4.sent), (chunks as u64 + 4, 3), "everything looked at; lost, new data, new index");
+        assert!(image(&b, &key, &k3) == data);
     }
 
     #[test]
@@ -926,6 +1094,56 @@ mod tests {
         assert!(!report.ok() && report.forgotten.is_empty(), "{report:?}");
     }
 
+    /// Snapshots of a chain share most index chunks: verify reads each once, and a bad
+    /// chunk in a shared range is lost for every snapshot that lists it.
+    #[test]
+    fn verify_reads_a_shared_index_chunk_once_and_charges_its_damage_to_every_snapshot() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let a = LocalVault::open_deferred("a", dir.path().join("a"), "t").unwrap();
+        let fanout = crate::manifest::INDEX_FANOUT as usize;
+        let chunks = 3 * fanout + 7;
+        let mut data: Vec<u8> = vec![0; chunks * CHUNK];
+        for (i, block) in data.chunks_mut(CHUNK).enumerate() {
+            block[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        }
+        let k1 = take(&key, &a, "db", &data, None);
+        let m1 = read_manifest(&a, &k1, Some(&key)).unwrap();
+        data[fanout * CHUNK + 100] ^= 0xff;
+        let k2 = take(&key, &a, "db", &data, Some((&m1, vec![fanout as u64])));
+        let shared_index = m1.index_chunks().into_iter().find(|id| {
+            let m2 = read_manifest(&a, &k2, Some(&key)).unwrap();
+            m2.index_chunks().contains(id)
+        });
+        let shared_index = shared_index.unwrap();
+        // Damage in range 0, which both snapshots list through the same index chunk.
+        let victim = ChunkMap::new(&key, &[&a], &m1).entry(3).unwrap();
+        let ChunkRef::Data(victim) = victim else { panic!("chunk 3 is a hole") };
+        drop(m1);
+        assert!(a.store().remove(&victim).unwrap());
+        let reads = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&reads);
+        let counting = HookedVault::new(
+            a,
+            Box::new(move |_, id| {
+                if *id == shared_index {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+        );
+        let report = verify(&key, &counting, &[], None, Subset::All, &|_| {}).unwrap();
+        // Once checked, once expanded, for the first snapshot; not again for the second.
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
+        assert_eq!(report.findings.iter().filter(|f| f.id == victim).count(), 1, "{report:?}");
+        for k in [&k1, &k2] {
+            let record = verify_record(&counting.inner, "db", snapshot_id_of(k)).unwrap().unwrap();
+            assert!(!record.ok && record.lost == [victim.to_string()], "{k}: {record:?}");
+            assert_eq!(record.checked, chunks as u64 + 4, "{k}: {record:?}");
+        }
+    }
+
     /// Verify keeps several reads in flight (a remote vault's round trips overlap) and still
     /// names each bad chunk once, in order.
     #[test]
@@ -980,8 +1198,12 @@ mod tests {
         let key = TenantKey::from_bytes([8; 32]);
         let a = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
         let b = LocalVault::open("b", dir.path().join("b"), "t").unwrap();
-        let k1 = take(&key, &a, "db", &vec![3u8; 4 * CHUNK], None);
+        let data: Vec<u8> = (0..4 * CHUNK).map(|i| (i / CHUNK) as u8 + 3).collect();
+        let k1 = take(&key, &a, "db", &data, None);
         copy_snapshot(&key, &a, &b, &k1, "n", &|_| {}).unwrap();
+        // One of its chunks went too (GC could not see the bad manifest reference it).
+        let gone = data_chunks(&key, &a, &read_manifest(&a, &k1, Some(&key)).unwrap())[1];
+        assert!(a.store().remove(&gone).unwrap());
         let mut bytes = a.get_object(&k1).unwrap();
         bytes[120] ^= 4;
         a.put_object(&k1, &bytes).unwrap();
@@ -993,6 +1215,27 @@ mod tests {
         let report = verify(&key, &a, &[&b], None, Subset::All, &|_| {}).unwrap();
         assert!(report.bad_manifests.is_empty(), "{report:?}");
         assert_eq!(list_snapshots(&a, None, Some(&key)).unwrap().0.len(), 1);
+        // Healed as a copy: the chunk came back with the manifest.
+        assert!(a.has_chunk(&gone).unwrap());
+        assert!(image(&a, &key, &k1) == data);
+    }
+
+    /// GC under another tenant key cannot read the index chunks, so it names the manifest
+    /// and deletes nothing.
+    #[test]
+    fn gc_under_another_key_stops_and_deletes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let a = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
+        a.store().backdate_writes(10);
+        let k1 = take(&key, &a, "db", &vec![3u8; 4 * CHUNK], None);
+        let stored = a.list_chunks(None, usize::MAX).unwrap().len();
+        let other = TenantKey::from_bytes([9; 32]);
+        let all = GcOptions { holder: "n".into(), dry_run: false, max_deletes: None };
+        let err = gc(&a, &other, &all, &|_| {}).unwrap_err();
+        assert!(err.to_string().contains(&k1) && err.to_string().contains("not with this key"), "{err}");
+        assert_eq!(a.list_chunks(None, usize::MAX).unwrap().len(), stored);
+        assert_eq!(gc(&a, &key, &all, &|_| {}).unwrap().deleted, 0);
     }
 
     /// Random interleavings of snapshots, forgets, interrupted and dry-run GCs: every
