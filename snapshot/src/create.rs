@@ -84,8 +84,12 @@ pub struct CreateOptions {
     pub snapshot_id: Option<String>,
     /// When the marker was taken, unix seconds; now when `None`.
     pub created_unix: Option<i64>,
-    /// The consistency group, for a member of one (a version 2 manifest).
+    /// The consistency group, for a member of one.
     pub group: Option<GroupV2>,
+    /// Bytes per second all readers together may read from the source; `None` reads as
+    /// fast as the source allows. Leaves the disk (and, as sealing follows reading, the
+    /// CPU) to the volume's writers while a snapshot runs.
+    pub read_limit: Option<u64>,
 }
 
 /// Progress of a running snapshot, restore or copy.
@@ -334,6 +338,7 @@ pub fn create_snapshot(
     }
     let free_rx: Mutex<Receiver<AlignedBuf>> = Mutex::new(free_rx);
     let next_batch = AtomicUsize::new(0);
+    let pacer = options.read_limit.filter(|&rate| rate > 0).map(Pacer::new);
     let (done_tx, done_rx) = mpsc::channel::<Vec<(u64, [u8; 32])>>();
 
     let sealed = std::thread::scope(|scope| {
@@ -344,7 +349,7 @@ pub fn create_snapshot(
         // on every chunk: 1.2 s for 10 104 chunks).
         let (batches, to_read, cancel, fail, volume, bytes_read) =
             (&batches, &to_read, &cancel, &fail, &volume, &bytes_read);
-        let (free_rx, next_batch) = (&free_rx, &next_batch);
+        let (free_rx, next_batch, pacer) = (&free_rx, &next_batch, &pacer);
         let mut reader_threads = Vec::with_capacity(readers);
         for _ in 0..readers {
             let reader_tx = work_tx.clone();
@@ -355,6 +360,14 @@ pub fn create_snapshot(
                 let Ok(mut buf) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { return };
                 let Some(batch) = batches.get(next_batch.fetch_add(1, Ordering::Relaxed)) else { return };
                 let Some(indices) = to_read.get(batch.clone()) else { return };
+                if let Some(pacer) = pacer {
+                    let bytes = indices.iter().map(|&i| chunk_size.min(size - i * chunk_size)).sum();
+                    let wait = pacer.reserve(std::time::Instant::now(), bytes);
+                    if !wait.is_zero() {
+                        // Pacing to `read_limit`, not waiting for a state: the time is the point.
+                        std::thread::sleep(wait);
+                    }
+                }
                 let len = match read_batch(source, indices, chunk_size, size, &mut buf) {
                     Ok(len) => len,
                     Err((offset, reason)) => {
@@ -627,6 +640,32 @@ impl<'a> IndexBuilder<'a> {
     }
 }
 
+/// Paces readers to a byte rate: each read reserves its bytes on one shared timeline and
+/// starts when its slot comes, so reads together never run ahead of the rate (the first
+/// one starts at once; a reader that waited longer than its slot does not earn a burst).
+#[derive(Debug)]
+struct Pacer {
+    /// Bytes per second.
+    rate: u64,
+    /// When the next read may start.
+    next: Mutex<Option<std::time::Instant>>,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Pacer { rate: rate.max(1), next: Mutex::new(None) }
+    }
+
+    /// Reserves `bytes` at `now`: how long the reader waits before reading them.
+    fn reserve(&self, now: std::time::Instant, bytes: u64) -> std::time::Duration {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let start = next.map_or(now, |at| at.max(now));
+        let takes = std::time::Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        *next = Some(start + takes);
+        start - now
+    }
+}
+
 /// Releases the ranges of the chunks not in `to_read` (ascending), coalesced.
 fn release_unread(source: &dyn Source, to_read: &[u64], chunk_count: u64, chunk_size: u64, size: u64) {
     let mut next = 0u64;
@@ -767,6 +806,7 @@ mod tests {
             snapshot_id: Some(id.into()),
             created_unix: Some(1_795_000_000),
             group: None,
+            read_limit: None,
         }
     }
 
@@ -855,6 +895,40 @@ mod tests {
         assert_eq!(m4.parent(), None);
         let full = load(&take("full3", None, Changed::All("check".into()), &data));
         assert_eq!(entries(&key, &vault, &m4), entries(&key, &vault, &full));
+    }
+
+    #[test]
+    fn the_pacer_spaces_reads_to_the_rate_and_gives_no_burst_after_a_pause() {
+        use std::time::{Duration, Instant};
+        let pacer = Pacer::new(1 << 20); // 1 MiB/s
+        let t0 = Instant::now();
+        assert_eq!(pacer.reserve(t0, 1 << 20), Duration::ZERO, "the first read starts at once");
+        assert_eq!(pacer.reserve(t0, 512 << 10), Duration::from_secs(1), "the next waits for its slot");
+        assert_eq!(pacer.reserve(t0, 512 << 10), Duration::from_millis(1500));
+        // Ten idle seconds later: at once, but the pause earns nothing.
+        let later = t0 + Duration::from_secs(12);
+        assert_eq!(pacer.reserve(later, 1 << 20), Duration::ZERO);
+        assert_eq!(pacer.reserve(later, 1 << 20), Duration::from_secs(1));
+    }
+
+    /// A read limit slows the readers, and changes nothing in what is stored.
+    #[test]
+    fn a_read_limit_keeps_the_snapshot_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = LocalVault::open("local", dir.path(), "t").unwrap();
+        let key = TenantKey::from_bytes([3; 32]);
+        let data: Vec<u8> = (0..64 * 4096).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+        let mut limited = options("limited");
+        limited.read_limit = Some(64 << 20);
+        let r1 =
+            create_snapshot(&key, &vault, &MemSource(data.clone()), &limited, None, Changed::All("t".into()), &|_| {})
+                .unwrap();
+        let r2 =
+            create_snapshot(&key, &vault, &MemSource(data), &options("free"), None, Changed::All("t".into()), &|_| {})
+                .unwrap();
+        let load = |r: &CreateReport| Manifest::load(&vault.get_object(&r.manifest_key).unwrap(), &key).unwrap();
+        assert_eq!(entries(&key, &vault, &load(&r1)), entries(&key, &vault, &load(&r2)));
+        assert_eq!(r1.bytes_read, r2.bytes_read);
     }
 
     #[test]

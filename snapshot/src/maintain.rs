@@ -859,6 +859,7 @@ mod tests {
             snapshot_id: None,
             created_unix: None,
             group: None,
+            read_limit: None,
         };
         let (parent, changed) = match parent {
             Some((m, list)) => (Some(m), Changed::Chunks(list)),

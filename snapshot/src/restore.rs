@@ -704,6 +704,7 @@ mod tests {
             snapshot_id: None,
             created_unix: None,
             group: None,
+            read_limit: None,
         };
         let source = FileSource::open(path).unwrap();
         let report =

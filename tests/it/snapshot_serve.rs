@@ -92,6 +92,7 @@ impl Node {
             snapshot_id: None,
             created_unix: Some(self.clock.get()),
             group: None,
+            read_limit: None,
         };
         self.clock.set(self.clock.get() + 3600);
         let repo = self.repo();

@@ -340,7 +340,8 @@ fn pin_this_thread(cpu: usize) {
 /// On one machine the two nodes share its disk, so the snapshot's writes (chunks, copies
 /// of overwritten regions) slow every fdatasync of both. `TMPDIR=/dev/shm` puts the whole
 /// deployment in memory, leaving the CPU and the replication path;
-/// `KEEL_MEASURE_REPO=DIR` puts only the repos under `DIR` (`repo-0`, `repo-1`).
+/// `KEEL_MEASURE_REPO=DIR` puts only the repos under `DIR` (`repo-0`, `repo-1`);
+/// `KEEL_MEASURE_READ_LIMIT=64MiB` sets `[snapshots] read_limit` on both nodes.
 #[test]
 #[ignore = "a measurement, not a check: run it on a quiet machine with --ignored --nocapture"]
 fn measure_primary_write_latency_during_a_standby_snapshot() {
@@ -351,9 +352,12 @@ fn measure_primary_write_latency_during_a_standby_snapshot() {
     let size = 128 * MIB;
     let names: Vec<String> = (0..ROUNDS).map(|r| format!("m{r}")).collect();
     let volumes: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "128MiB")).collect();
-    let repo_extra =
-        std::env::var("KEEL_MEASURE_REPO").map(|d| format!("repo = \"{d}/repo-{{node}}\"")).unwrap_or_default();
-    let cluster = Arc::new(Cluster::start(&keys.options(&volumes, Network::Loopback, &repo_extra)).unwrap());
+    let mut extra =
+        std::env::var("KEEL_MEASURE_REPO").map(|d| format!("repo = \"{d}/repo-{{node}}\"\n")).unwrap_or_default();
+    if let Ok(limit) = std::env::var("KEEL_MEASURE_READ_LIMIT") {
+        extra.push_str(&format!("read_limit = \"{limit}\"\n"));
+    }
+    let cluster = Arc::new(Cluster::start(&keys.options(&volumes, Network::Loopback, &extra)).unwrap());
     let primary = cluster.wait_in_sync(&names[0], Duration::from_secs(60)).unwrap();
     let standby = 1 - primary;
     // Two machines on one: the primary and this client on one core, the standby and the

@@ -62,6 +62,11 @@ pub struct SnapshotsConfig {
     /// Sealing threads. Default: the machine's cores.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Most bytes per second a snapshot reads from a volume (`200MiB`); default: as fast
+    /// as the disk allows. A limit leaves the disk and the CPU to the volume's writers
+    /// while a snapshot runs, at the price of a longer snapshot.
+    #[serde(default)]
+    pub read_limit: Option<String>,
     /// When to take snapshots of every volume: `07:00,15:00`, `every 15m`, … (none: only
     /// on request).
     #[serde(default)]
@@ -233,6 +238,8 @@ pub struct Repo {
     pub zstd_level: i32,
     /// Sealing threads.
     pub threads: usize,
+    /// Bytes per second a snapshot may read (none: unlimited).
+    pub read_limit: Option<u64>,
     /// Vaults needed for a snapshot to be safe.
     pub min_copies: usize,
     /// Retention.
@@ -263,6 +270,7 @@ pub fn section(config: &NodeConfig) -> SnapshotsConfig {
         chunk_size: default_chunk_size(),
         zstd_level: default_zstd_level(),
         threads: None,
+        read_limit: None,
         schedule: None,
         timezone: None,
         retention: None,
@@ -345,6 +353,13 @@ impl Repo {
             chunk_size,
             zstd_level: section.zstd_level,
             threads: section.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            read_limit: match section.read_limit.as_deref() {
+                None => None,
+                Some(text) => match parse_size(text)? {
+                    0 => bail!("[snapshots] read_limit {text:?}: must be more than 0 bytes per second"),
+                    rate => Some(rate),
+                },
+            },
             min_copies: section.min_copies,
             retention: section.retention.as_ref().map(RetentionTable::policy).transpose()?,
             schedule,
@@ -440,6 +455,7 @@ impl Repo {
             snapshot_id: member.map(|m| m.snapshot_id.clone()),
             created_unix: member.map(|m| m.created_unix),
             group: member.map(|m| m.group.clone()),
+            read_limit: self.read_limit,
         };
         let source = FrozenSource(frozen);
         let report = create::create_snapshot(

@@ -577,6 +577,7 @@ mod tests {
             snapshot_id: None,
             created_unix: None,
             group: None,
+            read_limit: None,
         };
         let report = create_snapshot(
             &key,

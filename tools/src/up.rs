@@ -151,6 +151,7 @@ pub fn run(dir: &Path) -> Result<()> {
         chunk_size: crate::snapshot::DEFAULT_CHUNK_SIZE.into(),
         zstd_level: 3,
         threads: None,
+        read_limit: None,
         schedule: Some("every 15m".into()),
         timezone: None,
         retention: Some(crate::snapshot::RetentionTable { keep_within: Some("2d".into()), ..Default::default() }),

@@ -117,6 +117,7 @@ impl Options {
             snapshot_id: None,
             created_unix: None,
             group: None,
+            read_limit: None,
         }
     }
 }
