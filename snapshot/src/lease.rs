@@ -123,6 +123,19 @@ fn live_leases(vault: &dyn Vault, prefix: &str, now: i64) -> Result<Vec<(String,
 
 /// Fails when `record` has run out or will within the clock margin: the other side may
 /// already treat its holder as dead.
+/// Extends lease `record` (stored at `key`) when a third of it has passed, after checking
+/// it is still live.
+fn renew(vault: &dyn Vault, key: &str, record: &mut LeaseRecord) -> Result<(), LeaseError> {
+    let now = now_unix();
+    if record.expires - now > LEASE_SECS * 2 / 3 {
+        return Ok(());
+    }
+    check_live(vault, key, record)?;
+    record.expires = now + LEASE_SECS;
+    vault.put_object(key, &encode(record))?;
+    Ok(())
+}
+
 fn check_live(vault: &dyn Vault, key: &str, record: &LeaseRecord) -> Result<(), LeaseError> {
     let now = now_unix();
     if now + CLOCK_MARGIN_SECS >= record.expires {
@@ -172,14 +185,7 @@ impl<'v> UploadLease<'v> {
 
     /// Extends the lease when a third of it has passed.
     pub fn renew(&mut self) -> Result<(), LeaseError> {
-        let now = now_unix();
-        if self.record.expires - now > LEASE_SECS * 2 / 3 {
-            return Ok(());
-        }
-        self.check()?;
-        self.record.expires = now + LEASE_SECS;
-        self.vault.put_object(&self.key, &encode(&self.record))?;
-        Ok(())
+        renew(self.vault, &self.key, &mut self.record)
     }
 
     /// Fails when the lease has run out or is about to (within the clock margin): GC may
@@ -272,14 +278,7 @@ impl<'v> GcLease<'v> {
     /// Extends the lease when a third of it has passed, after checking it is still live
     /// (a long mark phase must not outlive it: uploads may start once it runs out).
     pub fn renew(&mut self) -> Result<(), LeaseError> {
-        let now = now_unix();
-        if self.record.expires - now > LEASE_SECS * 2 / 3 {
-            return Ok(());
-        }
-        self.check()?;
-        self.record.expires = now + LEASE_SECS;
-        self.vault.put_object(&self.key, &encode(&self.record))?;
-        Ok(())
+        renew(self.vault, &self.key, &mut self.record)
     }
 
     /// Fails when the lease has run out (uploads may have started): stop sweeping.

@@ -826,6 +826,18 @@ mod tests {
 
     const CHUNK: usize = 4096;
 
+    /// An image of three index ranges of distinct chunks and a short fourth: (chunks per
+    /// range, chunks, bytes).
+    fn four_ranges() -> (usize, usize, Vec<u8>) {
+        let fanout = crate::manifest::INDEX_FANOUT as usize;
+        let chunks = 3 * fanout + 7;
+        let mut data: Vec<u8> = vec![0; chunks * CHUNK];
+        for (i, block) in data.chunks_mut(CHUNK).enumerate() {
+            block[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        }
+        (fanout, chunks, data)
+    }
+
     /// The data chunks `manifest` lists (index chunks read from `vault`).
     fn data_chunks(key: &TenantKey, vault: &dyn Vault, manifest: &Manifest) -> Vec<ChunkId> {
         ChunkMap::new(key, &[vault], manifest).distinct_data().unwrap()
@@ -911,13 +923,7 @@ mod tests {
         let a = LocalVault::open_deferred("a", dir.path().join("a"), "t").unwrap();
         let b = LocalVault::open_deferred("b", dir.path().join("b"), "t").unwrap();
         let c = LocalVault::open_deferred("c", dir.path().join("c"), "t").unwrap();
-        // Three ranges of index (2048 chunks each) and a short fourth.
-        let fanout = crate::manifest::INDEX_FANOUT as usize;
-        let chunks = 3 * fanout + 7;
-        let mut data: Vec<u8> = vec![0; chunks * CHUNK];
-        for (i, block) in data.chunks_mut(CHUNK).enumerate() {
-            block[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-        }
+        let (fanout, chunks, mut data) = four_ranges();
         let k1 = take(&key, &a, "db", &data, None);
         let r1 = copy_snapshot(&key, &a, &b, &k1, "n", &|_| {}).unwrap();
         assert_eq!((r1.chunks, r1.sent), (chunks as u64 + 4, chunks as u64 + 4));
@@ -1104,12 +1110,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = TenantKey::from_bytes([8; 32]);
         let a = LocalVault::open_deferred("a", dir.path().join("a"), "t").unwrap();
-        let fanout = crate::manifest::INDEX_FANOUT as usize;
-        let chunks = 3 * fanout + 7;
-        let mut data: Vec<u8> = vec![0; chunks * CHUNK];
-        for (i, block) in data.chunks_mut(CHUNK).enumerate() {
-            block[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-        }
+        let (fanout, chunks, mut data) = four_ranges();
         let k1 = take(&key, &a, "db", &data, None);
         let m1 = read_manifest(&a, &k1, Some(&key)).unwrap();
         data[fanout * CHUNK + 100] ^= 0xff;
