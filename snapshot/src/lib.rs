@@ -38,6 +38,7 @@ mod layout;
 pub mod lease;
 pub mod maintain;
 pub mod manifest;
+pub mod priority;
 pub mod restore;
 mod retention;
 mod schedule;

@@ -872,6 +872,7 @@ mod tests {
             created_unix: None,
             group: None,
             read_limit: None,
+            cpu_priority: crate::priority::CpuPriority::Normal,
         };
         let (parent, changed) = match parent {
             Some((m, list)) => (Some(m), Changed::Chunks(list)),

@@ -19,6 +19,7 @@ use keel_engine::{Frozen, Volume};
 use keel_snapshot::create::{self, Changed, CreateOptions, CreateReport, Progress, Source};
 use keel_snapshot::keyfile;
 use keel_snapshot::maintain::{self, Listed};
+use keel_snapshot::priority::CpuPriority;
 use keel_snapshot::vault::{LocalVault, RemoteVault, RemoteVaultConfig, S3Config, S3Credentials, S3Vault, Vault};
 use keel_snapshot::{RetentionPolicy, Schedule, SnapshotInfo, TenantKey, TimeZone};
 use serde::{Deserialize, Serialize};
@@ -62,11 +63,16 @@ pub struct SnapshotsConfig {
     /// Sealing threads. Default: the machine's cores.
     #[serde(default)]
     pub threads: Option<usize>,
-    /// Most bytes per second a snapshot reads from a volume (`200MiB`); default: as fast
-    /// as the disk allows. A limit leaves the disk and the CPU to the volume's writers
-    /// while a snapshot runs, at the price of a longer snapshot.
+    /// Most bytes per second a snapshot reads from a volume (`16MiB`), 64 KiB per
+    /// request; default: as fast as the disk allows. A limit leaves the disk and the CPU
+    /// to the volume's writers while a snapshot runs, at the price of a longer snapshot.
     #[serde(default)]
     pub read_limit: Option<String>,
+    /// CPU priority of a snapshot's sealing threads and of the copies to the vaults:
+    /// `idle` (default: they run only when no normal thread wants the CPU, so the
+    /// volume's writers never wait for them) or `normal`.
+    #[serde(default)]
+    pub cpu_priority: Option<String>,
     /// When to take snapshots of every volume: `07:00,15:00`, `every 15m`, … (none: only
     /// on request).
     #[serde(default)]
@@ -240,6 +246,8 @@ pub struct Repo {
     pub threads: usize,
     /// Bytes per second a snapshot may read (none: unlimited).
     pub read_limit: Option<u64>,
+    /// CPU priority of a snapshot's sealing threads and of the copies to the vaults.
+    pub cpu_priority: CpuPriority,
     /// Vaults needed for a snapshot to be safe.
     pub min_copies: usize,
     /// Retention.
@@ -271,6 +279,7 @@ pub fn section(config: &NodeConfig) -> SnapshotsConfig {
         zstd_level: default_zstd_level(),
         threads: None,
         read_limit: None,
+        cpu_priority: None,
         schedule: None,
         timezone: None,
         retention: None,
@@ -359,6 +368,10 @@ impl Repo {
                     0 => bail!("[snapshots] read_limit {text:?}: must be more than 0 bytes per second"),
                     rate => Some(rate),
                 },
+            },
+            cpu_priority: match section.cpu_priority.as_deref() {
+                None => CpuPriority::default(),
+                Some(text) => text.parse().map_err(|e| anyhow!("[snapshots] cpu_priority {e}"))?,
             },
             min_copies: section.min_copies,
             retention: section.retention.as_ref().map(RetentionTable::policy).transpose()?,
@@ -456,6 +469,7 @@ impl Repo {
             created_unix: member.map(|m| m.created_unix),
             group: member.map(|m| m.group.clone()),
             read_limit: self.read_limit,
+            cpu_priority: self.cpu_priority,
         };
         let source = FrozenSource(frozen);
         let report = create::create_snapshot(
@@ -745,10 +759,11 @@ impl Runner {
         (copies, retention)
     }
 
-    /// Copies snapshots the vaults lack (a vault that was down catches up here).
+    /// Copies snapshots the vaults lack (a vault that was down catches up here), at the
+    /// configured CPU priority.
     pub fn copy_pending(&self, volume: Option<&str>) -> Vec<String> {
         let mut lines = Vec::new();
-        match self.repo.replicate(volume) {
+        match keel_snapshot::priority::run_at(self.repo.cpu_priority, || self.repo.replicate(volume)) {
             Ok(outcomes) => {
                 for o in outcomes {
                     let (ok, text) = match &o.result {

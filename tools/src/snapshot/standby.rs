@@ -353,13 +353,14 @@ impl Runner {
 
     /// Reads `frozen` into the repo (one snapshot at a time), then copies and retention.
     ///
-    /// At the default CPU priority. Tried and dropped: nice 19 for the snapshot's threads
+    /// The sealing threads run at `cpu_priority` (`SCHED_IDLE` by default), the readers at
+    /// the daemon's. Tried and dropped earlier: nice 19 for all the snapshot's threads
     /// kept the primary's median write+flush at its undisturbed value with both nodes'
-    /// storage in memory (201 µs vs 280 µs at the default priority), but on ext4 raised
-    /// its p99 from about 1–2 ms to 5–6 ms, probably because a starved reader holds locks
-    /// the standby's applier needs (a region's stripe lock across its read; the extent
-    /// file's inode lock in the allocation queries). `SCHED_BATCH` measured within noise
-    /// of the default (tests/it/snapshot_standby.rs, `measure_…`).
+    /// storage in memory, but on ext4 raised its p99 from about 1–2 ms to 5–6 ms,
+    /// probably because a starved reader holds locks the standby's applier needs (a
+    /// region's stripe lock across its read; the extent file's inode lock in the
+    /// allocation queries). Hence only the sealing threads, which take no lock the write
+    /// path takes (docs/benchmarks.md, "idle CPU priority").
     fn take_frozen_now(&self, volume: &str, frozen: &Frozen) -> Result<serde_json::Value> {
         let _one_at_a_time = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
