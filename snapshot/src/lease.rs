@@ -87,9 +87,27 @@ pub struct LeaseRecord {
     pub cursor: Option<String>,
 }
 
-/// Unix seconds now.
+/// Unix seconds now (in this crate's unit tests, plus the calling thread's
+/// [`test_clock`] skew).
 pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    #[cfg(test)]
+    let now = now + test_clock::SKEW.with(std::cell::Cell::get);
+    now
+}
+
+/// A clock a unit test moves forward, per thread, so a lease's ten minutes pass without
+/// waiting for them.
+#[cfg(test)]
+pub(crate) mod test_clock {
+    thread_local! {
+        pub(super) static SKEW: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Moves the calling thread's [`now_unix`](super::now_unix) forward by `secs`.
+    pub(crate) fn advance(secs: i64) {
+        SKEW.with(|skew| skew.set(skew.get() + secs));
+    }
 }
 
 fn encode(record: &LeaseRecord) -> Vec<u8> {

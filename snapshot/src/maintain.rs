@@ -1223,6 +1223,59 @@ mod tests {
         assert!(image(&a, &key, &k1) == data);
     }
 
+    /// A GC whose mark outlasts its lease renews the lease as it goes, so it never marks
+    /// or sweeps on a lapsed one (when uploads may have started reusing chunks). This
+    /// thread's clock moves 4 minutes per index chunk GC reads: 8 of them make a
+    /// 32-minute mark, three 10-minute leases.
+    #[test]
+    fn a_gc_longer_than_its_lease_renews_it_as_it_marks() {
+        use crate::lease::{test_clock, LeaseRecord, CLOCK_MARGIN_SECS};
+        use std::sync::{Arc, Mutex};
+        let dir = tempfile::tempdir().unwrap();
+        let key = TenantKey::from_bytes([8; 32]);
+        let inner = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
+        inner.store().backdate_writes(10);
+        let (_, _, data) = four_ranges();
+        let mut other = data.clone();
+        for block in other.chunks_mut(CHUNK) {
+            block[8] = 1;
+        }
+        let k1 = take(&key, &inner, "db", &data, None);
+        let k2 = take(&key, &inner, "files", &other, None);
+        let garbage = take(&key, &inner, "tmp", &vec![5u8; 8 * CHUNK], None);
+        let garbage_chunks = data_chunks(&key, &inner, &read_manifest(&inner, &garbage, Some(&key)).unwrap());
+        assert!(forget(&inner, &garbage).unwrap());
+        // At each index chunk read: the clock moves, and (now, the lease's expiry) is noted.
+        let seen: Arc<Mutex<Vec<(i64, i64)>>> = Arc::default();
+        let noted = Arc::clone(&seen);
+        let slow = HookedVault::new(
+            inner,
+            Box::new(move |vault, _| {
+                test_clock::advance(240);
+                let lease: LeaseRecord = serde_json::from_slice(&vault.get_object("leases/gc-n").unwrap()).unwrap();
+                noted.lock().unwrap().push((now_unix(), lease.expires));
+            }),
+        );
+        let options = GcOptions { holder: "n".into(), dry_run: false, max_deletes: None };
+        let report = gc(&slow, &key, &options, &|_| {}).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 8, "four index chunks per snapshot, none shared");
+        for &(now, expires) in &seen {
+            assert!(expires - now > CLOCK_MARGIN_SECS, "the lease lapsed while marking: {seen:?}");
+        }
+        let renewals = seen.windows(2).filter(|w| w[1].1 > w[0].1).count();
+        assert!(renewals >= 2, "{seen:?}");
+        // The sweep ran, on a live lease: the forgotten snapshot's chunks (its one data
+        // chunk and its index chunk) went, no other.
+        assert_eq!(report.deleted as usize, garbage_chunks.len() + 1, "{report:?}");
+        for manifest in [&k1, &k2] {
+            let manifest = read_manifest(&slow, manifest, Some(&key)).unwrap();
+            for id in data_chunks(&key, &slow.inner, &manifest) {
+                assert!(slow.has_chunk(&id).unwrap());
+            }
+        }
+    }
+
     /// GC under another tenant key cannot read the index chunks, so it names the manifest
     /// and deletes nothing.
     #[test]

@@ -14,7 +14,45 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let bin = dir.join(name);
     assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first (tests/run does)", bin.display());
+    // `cargo test -p keel-tests` does not rebuild the binaries: a test would run (and a
+    // measurement measure) the daemon of an older build without a word.
+    if let (Ok(built), Some(newer)) = (bin.metadata().and_then(|m| m.modified()), newest_source()) {
+        assert!(
+            built >= newer.1,
+            "{} is older than {}: run `cargo build --workspace --bins` first (tests/run does)",
+            bin.display(),
+            newer.0.display()
+        );
+    }
     bin
+}
+
+/// The most recently modified Rust source of the crates the binaries are built from, and
+/// when (looked up once per test process).
+fn newest_source() -> Option<(PathBuf, std::time::SystemTime)> {
+    static NEWEST: std::sync::OnceLock<Option<(PathBuf, std::time::SystemTime)>> = std::sync::OnceLock::new();
+    NEWEST
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+            let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+            let mut dirs: Vec<PathBuf> =
+                ["engine", "net", "snapshot", "tools"].iter().map(|c| root.join(c).join("src")).collect();
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                    } else if path.extension().is_some_and(|e| e == "rs") {
+                        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
+                        if newest.as_ref().is_none_or(|(_, t)| modified > *t) {
+                            newest = Some((path, modified));
+                        }
+                    }
+                }
+            }
+            newest
+        })
+        .clone()
 }
 
 /// A running (or stopped) node.

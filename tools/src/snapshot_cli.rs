@@ -330,7 +330,8 @@ pub fn run(command: SnapshotCommand) -> Result<()> {
         }
         SnapshotCommand::Copy { volume, config } => {
             let repo = Repo::open(&NodeConfig::load(&config)?)?;
-            let outcomes = repo.replicate(volume.as_deref())?;
+            // As the daemon copies: at the configured CPU priority.
+            let outcomes = keel_snapshot::priority::run_at(repo.cpu_priority, || repo.replicate(volume.as_deref()))?;
             let mut failed = 0;
             for o in &outcomes {
                 match &o.result {

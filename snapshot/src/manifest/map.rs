@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::piece::decode_piece;
 use super::{ChunkRef, Layout, Manifest, HOLE, INDEX_FANOUT};
@@ -22,15 +22,39 @@ pub type Piece = Arc<[[u8; 32]]>;
 /// Ranges kept decoded: enough for restore threads working on neighbouring batches.
 const CACHED_PIECES: usize = 8;
 
+/// The ranges decoded lately (most recent first) and those being loaded.
+struct Cache {
+    recent: VecDeque<(usize, Piece)>,
+    loading: Vec<usize>,
+}
+
+/// A load of range `piece` in progress: dropped, it ends it and wakes the threads waiting.
+struct Loading<'m, 'a> {
+    map: &'m ChunkMap<'a>,
+    piece: usize,
+}
+
+impl Drop for Loading<'_, '_> {
+    fn drop(&mut self) {
+        let mut cache = self.map.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.loading.retain(|&p| p != self.piece);
+        drop(cache);
+        self.map.loaded.notify_all();
+    }
+}
+
 /// The entries of `manifest`, loading its index chunks from `vaults` (the first good copy)
-/// with `key`. Shared by threads: loads are serialized, and each range is loaded once
-/// while it stays among the last few used.
+/// with `key`. Shared by threads: a range is loaded once while it stays among the last few
+/// used (a thread wanting a range being loaded waits for that load), and loads of different
+/// ranges run side by side.
 pub struct ChunkMap<'a> {
     key: &'a TenantKey,
     vaults: Vec<&'a dyn Vault>,
     manifest: &'a Manifest,
     fanout: u64,
-    cache: Mutex<VecDeque<(usize, Piece)>>,
+    cache: Mutex<Cache>,
+    /// Signalled when a load ends.
+    loaded: Condvar,
     fallbacks: Mutex<Vec<(ChunkId, String)>>,
 }
 
@@ -52,7 +76,8 @@ impl<'a> ChunkMap<'a> {
             vaults: vaults.to_vec(),
             manifest,
             fanout: u64::from(fanout),
-            cache: Mutex::new(VecDeque::with_capacity(CACHED_PIECES)),
+            cache: Mutex::new(Cache { recent: VecDeque::with_capacity(CACHED_PIECES), loading: Vec::new() }),
+            loaded: Condvar::new(),
             fallbacks: Mutex::new(Vec::new()),
         }
     }
@@ -90,20 +115,33 @@ impl<'a> ChunkMap<'a> {
     /// The ids of range `piece`.
     pub fn piece(&self, piece: usize) -> Result<Piece, IndexError> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(at) = cache.iter().position(|(p, _)| *p == piece) {
-            let hit = cache.remove(at).map(|(_, ids)| ids);
-            if let Some(ids) = hit {
-                cache.push_front((piece, Arc::clone(&ids)));
-                return Ok(ids);
+        loop {
+            if let Some(at) = cache.recent.iter().position(|(p, _)| *p == piece) {
+                if let Some((_, ids)) = cache.recent.remove(at) {
+                    cache.recent.push_front((piece, Arc::clone(&ids)));
+                    return Ok(ids);
+                }
             }
+            if !cache.loading.contains(&piece) {
+                break;
+            }
+            // Another thread loads this range: its result (or, if it failed, our own try).
+            cache = self.loaded.wait(cache).unwrap_or_else(|p| p.into_inner());
         }
-        // Loaded under the lock: the other readers want the same range, and wait for it.
-        let ids = self.load(piece)?;
-        if cache.len() == CACHED_PIECES {
-            cache.pop_back();
+        cache.loading.push(piece);
+        drop(cache);
+        // Outside the lock: a thread wanting another range does not wait for this one.
+        // The guard ends the load (and wakes the waiters) however `load` returns.
+        let _loading = Loading { map: self, piece };
+        let result = self.load(piece);
+        if let Ok(ids) = &result {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.recent.len() == CACHED_PIECES {
+                cache.recent.pop_back();
+            }
+            cache.recent.push_front((piece, Arc::clone(ids)));
         }
-        cache.push_front((piece, Arc::clone(&ids)));
-        Ok(ids)
+        result
     }
 
     fn load(&self, piece: usize) -> Result<Piece, IndexError> {

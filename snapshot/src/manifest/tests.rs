@@ -134,6 +134,52 @@ fn a_damaged_index_chunk_is_read_from_the_next_vault_or_named() {
     assert!(ChunkMap::new(&other, &[&b], &loaded).entry(0).is_err());
 }
 
+/// A range whose index chunk is slow to arrive holds up only the threads that want that
+/// range: another range loads meanwhile, and the waiters of the slow one get its load.
+#[test]
+fn a_slow_index_chunk_holds_up_only_its_own_range() {
+    use crate::vault::testing::HookedVault;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let inner = LocalVault::open("a", dir.path().join("a"), "t").unwrap();
+    let key = TenantKey::from_bytes([5; 32]);
+    let base = sample(&key, 40);
+    let m = indexed(&key, &[&inner], base.clone(), 16);
+    let loaded = Manifest::load(&encode_manifest(&key, &m).unwrap(), &key).unwrap();
+    // The read of range 0's index chunk announces itself, then waits to be let go.
+    let (slow, entered, release) = (ChunkId(m.index[0]), mpsc::channel(), mpsc::channel::<()>());
+    let (entered_tx, release_rx) = (std::sync::Mutex::new(entered.0), std::sync::Mutex::new(release.1));
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&reads);
+    let vault = HookedVault::new(
+        inner,
+        Box::new(move |_, id| {
+            if *id == slow {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                entered_tx.lock().unwrap().send(()).unwrap();
+                let _ = release_rx.lock().unwrap().recv();
+            }
+        }),
+    );
+    let map = ChunkMap::new(&key, &[&vault], &loaded);
+    let map = &map;
+    std::thread::scope(|scope| {
+        let first = scope.spawn(move || map.piece(0).unwrap());
+        entered.1.recv_timeout(Duration::from_secs(60)).expect("the first load reaches the vault");
+        let second = scope.spawn(move || map.piece(0).unwrap());
+        // Range 1 while range 0 is stuck in the vault.
+        let (done_tx, done_rx) = mpsc::channel();
+        scope.spawn(move || done_tx.send(map.piece(1).unwrap()).unwrap());
+        let other = done_rx.recv_timeout(Duration::from_secs(60));
+        release.0.send(()).unwrap();
+        assert_eq!(&other.expect("range 1 loads while range 0 waits")[..], &base.chunks[16..32]);
+        assert_eq!(&first.join().unwrap()[..], &base.chunks[..16]);
+        assert_eq!(&second.join().unwrap()[..], &base.chunks[..16]);
+    });
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the waiter got the first load's result");
+}
+
 #[test]
 fn every_flipped_byte_is_caught() {
     let dir = tempfile::tempdir().unwrap();
