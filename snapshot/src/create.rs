@@ -98,6 +98,9 @@ pub struct CreateOptions {
     /// The CPU priority of the snapshot's sealing threads ([`CpuPriority::Idle`] by
     /// default: the volume's writers first). The readers keep the caller's.
     pub cpu_priority: CpuPriority,
+    /// Set by the caller to stop the snapshot (a node shutting down): it ends with
+    /// [`CreateError::Stopped`] at the next batch read, having published nothing.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// Progress of a running snapshot, restore or copy.
@@ -166,6 +169,12 @@ pub enum CreateError {
     /// An index chunk of the parent became unreadable while the snapshot was taken.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The caller asked it to stop (the node is shutting down); nothing was published.
+    #[error("snapshot of {volume}: stopped, the node is shutting down (it is taken again later)")]
+    Stopped {
+        /// The volume.
+        volume: String,
+    },
 }
 
 impl CreateError {
@@ -174,6 +183,7 @@ impl CreateError {
         match self {
             CreateError::Vault(e) => e.is_transient(),
             CreateError::Lease(e) => e.is_transient(),
+            CreateError::Stopped { .. } => true,
             _ => false,
         }
     }
@@ -375,6 +385,10 @@ pub fn create_snapshot(
             let reader_tx = work_tx.clone();
             reader_threads.push(scope.spawn(move || loop {
                 if cancel.load(Ordering::Acquire) {
+                    return;
+                }
+                if options.stop.as_ref().is_some_and(|stop| stop.load(Ordering::Acquire)) {
+                    fail(CreateError::Stopped { volume: volume.clone() });
                     return;
                 }
                 let Ok(mut buf) = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else { return };
@@ -842,6 +856,7 @@ mod tests {
             group: None,
             read_limit: None,
             cpu_priority: CpuPriority::Normal,
+            stop: None,
         }
     }
 
@@ -1023,6 +1038,38 @@ mod tests {
             assert_eq!(w2.reads.load(Ordering::SeqCst), 1, "{id}");
             assert_eq!(w2.longest.load(Ordering::SeqCst), 256 << 10, "{id}");
         }
+    }
+
+    /// A snapshot told to stop (the node shutting down) ends at its next read with
+    /// `Stopped`, a transient error, and publishes nothing.
+    #[test]
+    fn a_stopped_snapshot_ends_at_its_next_read_and_publishes_nothing() {
+        /// Raises the stop flag at its first read.
+        struct Stopping(Vec<u8>, Arc<AtomicBool>);
+        impl Source for Stopping {
+            fn size(&self) -> u64 {
+                self.0.len() as u64
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+                self.1.store(true, Ordering::Release);
+                buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let vault = LocalVault::open("local", dir.path(), "t").unwrap();
+        let key = TenantKey::from_bytes([3; 32]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut stopping = options("stopped");
+        stopping.stop = Some(Arc::clone(&stop));
+        stopping.read_limit = Some(1 << 30); // one 64 KiB batch at a time
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096) as u8 | 1).collect();
+        let err =
+            create_snapshot(&key, &vault, &Stopping(data, stop), &stopping, None, Changed::All("t".into()), &|_| {})
+                .unwrap_err();
+        assert!(matches!(err, CreateError::Stopped { .. }) && err.is_transient(), "{err}");
+        assert!(err.to_string().contains("shutting down"), "{err}");
+        assert!(vault.list_objects("").unwrap().is_empty(), "no manifest, no lease");
     }
 
     #[test]

@@ -873,6 +873,7 @@ mod tests {
             group: None,
             read_limit: None,
             cpu_priority: crate::priority::CpuPriority::Normal,
+            stop: None,
         };
         let (parent, changed) = match parent {
             Some((m, list)) => (Some(m), Changed::Chunks(list)),

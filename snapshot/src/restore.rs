@@ -706,6 +706,7 @@ mod tests {
             group: None,
             read_limit: None,
             cpu_priority: crate::priority::CpuPriority::Normal,
+            stop: None,
         };
         let source = FileSource::open(path).unwrap();
         let report =

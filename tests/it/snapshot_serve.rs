@@ -94,6 +94,7 @@ impl Node {
             group: None,
             read_limit: None,
             cpu_priority: keel_snapshot::priority::CpuPriority::Normal,
+            stop: None,
         };
         self.clock.set(self.clock.get() + 3600);
         let repo = self.repo();

@@ -173,6 +173,7 @@ async fn serve(
 ) -> Result<()> {
     let server = NbdServer::new(exports)?;
     let shutdown = CancellationToken::new();
+    let snapshots_stop = control.snapshots.as_ref().map(|runner| Arc::clone(&runner.repo.stop));
     let control_socket = config.data_dir.join("control.sock");
     let schedule_task = control.snapshots.clone().map(|runner| {
         let control = Arc::clone(&control);
@@ -207,6 +208,10 @@ async fn serve(
     wait_for_signal().await?;
     tracing::info!("shutting down: finishing in-flight requests");
     shutdown.cancel();
+    // A snapshot being taken would hold the shutdown until it ends (hours, paced).
+    if let Some(stop) = &snapshots_stop {
+        stop.store(true, std::sync::atomic::Ordering::Release);
+    }
     while tasks.join_next().await.is_some() {}
     if let (Some(r), Some(task)) = (&replication, replication_task) {
         r.ctx.shutdown.cancel();

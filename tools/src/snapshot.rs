@@ -248,6 +248,9 @@ pub struct Repo {
     pub read_limit: Option<u64>,
     /// CPU priority of a snapshot's sealing threads and of the copies to the vaults.
     pub cpu_priority: CpuPriority,
+    /// Set when the node shuts down: a snapshot being taken stops (publishing nothing)
+    /// instead of holding the shutdown until it ends.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// Vaults needed for a snapshot to be safe.
     pub min_copies: usize,
     /// Retention.
@@ -373,6 +376,7 @@ impl Repo {
                 None => CpuPriority::default(),
                 Some(text) => text.parse().map_err(|e| anyhow!("[snapshots] cpu_priority {e}"))?,
             },
+            stop: Arc::default(),
             min_copies: section.min_copies,
             retention: section.retention.as_ref().map(RetentionTable::policy).transpose()?,
             schedule,
@@ -470,6 +474,7 @@ impl Repo {
             group: member.map(|m| m.group.clone()),
             read_limit: self.read_limit,
             cpu_priority: self.cpu_priority,
+            stop: Some(Arc::clone(&self.stop)),
         };
         let source = FrozenSource(frozen);
         let report = create::create_snapshot(

@@ -579,6 +579,7 @@ mod tests {
             group: None,
             read_limit: None,
             cpu_priority: keel_snapshot::priority::CpuPriority::Normal,
+            stop: None,
         };
         let report = create_snapshot(
             &key,

@@ -121,6 +121,7 @@ impl Options {
             // restic and borg run at normal priority: like for like (on a quiet machine
             // the daemon's default, idle, reads and seals as fast).
             cpu_priority: keel_snapshot::priority::CpuPriority::Normal,
+            stop: None,
         }
     }
 }
