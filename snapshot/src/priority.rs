@@ -1,11 +1,16 @@
-//! CPU priority of background work. A snapshot's sealing threads and a node's copies to
-//! its vaults run below every normal thread, so the volume's writers (the journal,
-//! replication, FLUSH acknowledgements) never wait for a CPU one of them holds.
+//! CPU priority of background work. A snapshot's sealing threads, its readers between
+//! their reads, and a node's copies to its vaults run below every normal thread, so the
+//! volume's writers (the journal, replication, FLUSH acknowledgements) never wait for a CPU
+//! one of them holds.
 //!
 //! Only work that shares no lock with the write path may be lowered: a thread in
 //! `SCHED_IDLE` can wait long for a CPU, and a writer waiting for a lock it holds would
-//! wait as long (a priority inversion). So a snapshot's readers, which take the frozen
-//! view's stripe locks, keep the caller's priority.
+//! wait as long (a priority inversion). A snapshot's reads and releases take the frozen
+//! view's stripe locks and the kernel's locks of the block store's and the copy's files,
+//! so a reader is [`Lowered`]: idle while it waits and hands over, back at its own
+//! priority for each read and release. That needs the right to leave `SCHED_IDLE`
+//! (`CAP_SYS_NICE`, or an `RLIMIT_NICE` allowing the thread's nice value); without it the
+//! readers keep their priority throughout.
 //!
 //! Linux's `SCHED_IDLE` does this: a normal thread that wakes up preempts an idle-policy
 //! one at once, and idle-policy threads share what normal threads leave (a machine whose
@@ -57,6 +62,53 @@ pub(crate) fn lower(priority: CpuPriority) {
     }
 }
 
+/// A thread that runs at `priority` except inside [`Lowered::normal`] sections, which run
+/// at the thread's own priority again. For a thread that takes locks the write path also
+/// takes: it takes them only inside such sections, so a writer never waits for a lock held
+/// by a thread that waits for a CPU.
+pub(crate) struct Lowered {
+    /// The thread's own scheduling policy, to go back to for a section; `None` when the
+    /// thread was not lowered.
+    own: Option<i32>,
+}
+
+impl Lowered {
+    /// Lowers the calling thread, for the rest of its life (a scoped worker, never a pooled
+    /// thread), if `priority` is `Idle` and this process may raise a thread back out of
+    /// `SCHED_IDLE` (`CAP_SYS_NICE`, or an `RLIMIT_NICE` that allows the thread's nice
+    /// value), and the thread runs in `SCHED_OTHER` or `SCHED_BATCH` (never a real-time
+    /// thread). Otherwise the thread keeps its priority throughout.
+    pub(crate) fn new(priority: CpuPriority) -> Lowered {
+        let own = own_policy().filter(|_| priority == CpuPriority::Idle && may_raise());
+        Lowered { own: own.filter(|_| lower_to_idle().is_ok()) }
+    }
+
+    /// Runs `work` at the thread's own priority.
+    pub(crate) fn normal<T>(&self, work: impl FnOnce() -> T) -> T {
+        let Some(own) = self.own else { return work() };
+        // Does not fail once the probe in `may_raise` passed. Should it, the section runs
+        // idle, as the sealing threads do: correct, only exposed to the inversion above.
+        let _ = set_policy(own);
+        let out = work();
+        let _ = lower_to_idle();
+        out
+    }
+}
+
+/// Whether a thread in `SCHED_IDLE` may go back to `SCHED_OTHER` (tried once, on a
+/// thread of its own).
+pub(crate) fn may_raise() -> bool {
+    static MAY_RAISE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MAY_RAISE.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("keel-probe".into())
+            .spawn(|| own_policy().is_some_and(|own| lower_to_idle().is_ok() && set_policy(own).is_ok()))
+            .ok()
+            .and_then(|probe| probe.join().ok())
+            .unwrap_or(false)
+    })
+}
+
 /// Runs `work` at `priority` and returns what it returns; the threads `work` starts
 /// inherit the priority. `Idle` runs it on a thread of its own, which lowers itself first
 /// (a thread cannot always raise itself back, so a caller's thread, perhaps a pooled one,
@@ -83,12 +135,36 @@ pub fn run_at<T: Send>(priority: CpuPriority, work: impl FnOnce() -> T + Send) -
     })
 }
 
-/// Puts the calling thread in `SCHED_IDLE`.
-#[cfg(target_os = "linux")]
+/// Puts the calling thread in `SCHED_IDLE` (its nice value is kept for its way back).
 fn lower_to_idle() -> std::io::Result<()> {
+    set_policy(SCHED_IDLE)
+}
+
+#[cfg(target_os = "linux")]
+const SCHED_IDLE: i32 = libc::SCHED_IDLE;
+#[cfg(not(target_os = "linux"))]
+const SCHED_IDLE: i32 = -1;
+
+/// The calling thread's scheduling policy, if it is one a thread may be lowered from and
+/// raised back to: `SCHED_OTHER` or `SCHED_BATCH`.
+#[cfg(target_os = "linux")]
+fn own_policy() -> Option<i32> {
+    // SAFETY: no arguments but this thread's id.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    [libc::SCHED_OTHER, libc::SCHED_BATCH].contains(&policy).then_some(policy)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn own_policy() -> Option<i32> {
+    None
+}
+
+/// Puts the calling thread in the (non-real-time) scheduling `policy`.
+#[cfg(target_os = "linux")]
+fn set_policy(policy: i32) -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler only reads `param`, a valid local; pid 0 is this thread.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
     if rc == 0 {
         Ok(())
     } else {
@@ -97,7 +173,7 @@ fn lower_to_idle() -> std::io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_to_idle() -> std::io::Result<()> {
+fn set_policy(_policy: i32) -> std::io::Result<()> {
     Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "SCHED_IDLE is Linux's"))
 }
 
@@ -132,6 +208,30 @@ mod tests {
             (normal, policy())
         });
         assert_eq!(lowered.join().unwrap(), (before, libc::SCHED_IDLE));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_lowered_thread_runs_its_normal_sections_at_its_own_priority() {
+        let before = policy();
+        let seen = std::thread::spawn(|| {
+            let lowered = Lowered::new(CpuPriority::Idle);
+            let (outside, inside) = (policy(), lowered.normal(policy));
+            (outside, inside, policy())
+        });
+        let (outside, inside, after) = seen.join().unwrap();
+        let kept = std::thread::spawn(|| {
+            let kept = Lowered::new(CpuPriority::Normal);
+            (policy(), kept.normal(policy))
+        });
+        let (normal, normal_inside) = kept.join().unwrap();
+        if may_raise() {
+            assert_eq!((outside, inside, after), (libc::SCHED_IDLE, before, libc::SCHED_IDLE));
+        } else {
+            eprintln!("this process may not leave SCHED_IDLE: lowered threads keep their priority");
+            assert_eq!((outside, inside, after), (before, before, before));
+        }
+        assert_eq!((normal, normal_inside), (before, before));
     }
 
     #[test]

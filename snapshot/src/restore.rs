@@ -705,6 +705,7 @@ mod tests {
             created_unix: None,
             group: None,
             read_limit: None,
+            busy_read_limit: None,
             cpu_priority: crate::priority::CpuPriority::Normal,
             stop: None,
         };

@@ -93,6 +93,7 @@ impl Node {
             created_unix: Some(self.clock.get()),
             group: None,
             read_limit: None,
+            busy_read_limit: None,
             cpu_priority: keel_snapshot::priority::CpuPriority::Normal,
             stop: None,
         };

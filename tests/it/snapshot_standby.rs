@@ -341,7 +341,8 @@ fn pin_this_thread(cpu: usize) {
 /// of overwritten regions) slow every fdatasync of both. `TMPDIR=/dev/shm` puts the whole
 /// deployment in memory, leaving the CPU and the replication path;
 /// `KEEL_MEASURE_REPO=DIR` puts only the repos under `DIR` (`repo-0`, `repo-1`);
-/// `KEEL_MEASURE_READ_LIMIT=64MiB` sets `[snapshots] read_limit` on both nodes, and
+/// `KEEL_MEASURE_READ_LIMIT=64MiB` sets `[snapshots] read_limit` on both nodes,
+/// `KEEL_MEASURE_BUSY_READ_LIMIT=unlimited` their `busy_read_limit`, and
 /// `KEEL_MEASURE_CPU_PRIORITY=normal` their `cpu_priority`.
 #[test]
 #[ignore = "a measurement, not a check: run it on a quiet machine with --ignored --nocapture"]
@@ -357,6 +358,9 @@ fn measure_primary_write_latency_during_a_standby_snapshot() {
         std::env::var("KEEL_MEASURE_REPO").map(|d| format!("repo = \"{d}/repo-{{node}}\"\n")).unwrap_or_default();
     if let Ok(limit) = std::env::var("KEEL_MEASURE_READ_LIMIT") {
         extra.push_str(&format!("read_limit = \"{limit}\"\n"));
+    }
+    if let Ok(limit) = std::env::var("KEEL_MEASURE_BUSY_READ_LIMIT") {
+        extra.push_str(&format!("busy_read_limit = \"{limit}\"\n"));
     }
     if let Ok(priority) = std::env::var("KEEL_MEASURE_CPU_PRIORITY") {
         extra.push_str(&format!("cpu_priority = \"{priority}\"\n"));

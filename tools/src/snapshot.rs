@@ -37,6 +37,10 @@ pub use standby::{GroupJob, GroupPlace, ScheduledJob, StandbyGroupJob, TakeOn, S
 /// The default chunk size. 64 KiB matches the change map's regions, so an incremental
 /// reads exactly the regions written; docs/snapshots.md has the measurement behind it.
 pub const DEFAULT_CHUNK_SIZE: &str = "64K";
+/// `[snapshots] busy_read_limit` when the section does not set it: at 16 MiB/s, 64 KiB at a
+/// time, a snapshot kept the primary's write p99 within 1.1× of undisturbed on one shared
+/// disk (docs/benchmarks.md).
+pub const DEFAULT_BUSY_READ_LIMIT: u64 = 16 << 20;
 
 /// `[snapshots]` in the node configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +72,13 @@ pub struct SnapshotsConfig {
     /// to the volume's writers while a snapshot runs, at the price of a longer snapshot.
     #[serde(default)]
     pub read_limit: Option<String>,
+    /// Most bytes per second a snapshot reads from a volume that is being written (a
+    /// write within the last second), 64 KiB per request, one at a time; `unlimited` to
+    /// read such a volume as fast as a quiet one. Default: 16MiB. The volume's FLUSHes
+    /// then never queue behind more than one small snapshot read, and a quiet volume is
+    /// still read at full speed.
+    #[serde(default)]
+    pub busy_read_limit: Option<String>,
     /// CPU priority of a snapshot's sealing threads and of the copies to the vaults:
     /// `idle` (default: they run only when no normal thread wants the CPU, so the
     /// volume's writers never wait for them) or `normal`.
@@ -246,6 +257,8 @@ pub struct Repo {
     pub threads: usize,
     /// Bytes per second a snapshot may read (none: unlimited).
     pub read_limit: Option<u64>,
+    /// Bytes per second a snapshot may read from a volume being written (none: unlimited).
+    pub busy_read_limit: Option<u64>,
     /// CPU priority of a snapshot's sealing threads and of the copies to the vaults.
     pub cpu_priority: CpuPriority,
     /// Set when the node shuts down: a snapshot being taken stops (publishing nothing)
@@ -282,6 +295,7 @@ pub fn section(config: &NodeConfig) -> SnapshotsConfig {
         zstd_level: default_zstd_level(),
         threads: None,
         read_limit: None,
+        busy_read_limit: None,
         cpu_priority: None,
         schedule: None,
         timezone: None,
@@ -326,6 +340,27 @@ pub fn init_key(config: &NodeConfig, sealed: bool) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A `[snapshots]` rate (`16MiB` per second): more than 0.
+fn rate(key: &str, text: &str) -> Result<u64> {
+    match parse_size(text)? {
+        0 => bail!("[snapshots] {key} {text:?}: must be more than 0 bytes per second"),
+        rate => Ok(rate),
+    }
+}
+
+/// `[snapshots] busy_read_limit`: [`DEFAULT_BUSY_READ_LIMIT`] when absent, none when
+/// `unlimited`.
+fn busy_read_limit(text: Option<&str>) -> Result<Option<u64>> {
+    match text.map(str::trim) {
+        None => Ok(Some(DEFAULT_BUSY_READ_LIMIT)),
+        Some("unlimited") => Ok(None),
+        Some(text) => match parse_size(text)? {
+            0 => bail!("[snapshots] busy_read_limit {text:?}: must be more than 0 bytes per second, or \"unlimited\""),
+            rate => Ok(Some(rate)),
+        },
+    }
+}
+
 impl Repo {
     /// Opens the repository, the key and the vaults. Vaults are opened lazily by their
     /// backends (a vault that is down fails its operations, not this).
@@ -365,13 +400,8 @@ impl Repo {
             chunk_size,
             zstd_level: section.zstd_level,
             threads: section.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-            read_limit: match section.read_limit.as_deref() {
-                None => None,
-                Some(text) => match parse_size(text)? {
-                    0 => bail!("[snapshots] read_limit {text:?}: must be more than 0 bytes per second"),
-                    rate => Some(rate),
-                },
-            },
+            read_limit: section.read_limit.as_deref().map(|text| rate("read_limit", text)).transpose()?,
+            busy_read_limit: busy_read_limit(section.busy_read_limit.as_deref())?,
             cpu_priority: match section.cpu_priority.as_deref() {
                 None => CpuPriority::default(),
                 Some(text) => text.parse().map_err(|e| anyhow!("[snapshots] cpu_priority {e}"))?,
@@ -473,6 +503,7 @@ impl Repo {
             created_unix: member.map(|m| m.created_unix),
             group: member.map(|m| m.group.clone()),
             read_limit: self.read_limit,
+            busy_read_limit: self.busy_read_limit,
             cpu_priority: self.cpu_priority,
             stop: Some(Arc::clone(&self.stop)),
         };
@@ -946,6 +977,10 @@ impl Source for FrozenSource<'_> {
     fn release(&self, offset: u64, len: u64) {
         self.0.release(offset, len);
     }
+
+    fn writes(&self) -> Option<u64> {
+        Some(self.0.writes())
+    }
 }
 
 /// Reads the whole image at `path` (raw, or zstd-compressed raw detected by its magic).
@@ -1010,6 +1045,17 @@ impl Source for ZstdSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_limits_parse_with_their_defaults() {
+        assert_eq!(busy_read_limit(None).unwrap(), Some(16 << 20));
+        assert_eq!(busy_read_limit(Some(" unlimited ")).unwrap(), None);
+        assert_eq!(busy_read_limit(Some("32MiB")).unwrap(), Some(32 << 20));
+        let zero = format!("{:#}", busy_read_limit(Some("0")).unwrap_err());
+        assert!(zero.contains("busy_read_limit \"0\": must be more than 0") && zero.contains("unlimited"), "{zero}");
+        assert!(format!("{:#}", rate("read_limit", "fast").unwrap_err()).contains("invalid size \"fast\""));
+        assert_eq!(rate("read_limit", "1k").unwrap(), 1024);
+    }
 
     #[test]
     fn regions_map_to_covering_chunks() {

@@ -578,6 +578,7 @@ mod tests {
             created_unix: None,
             group: None,
             read_limit: None,
+            busy_read_limit: None,
             cpu_priority: keel_snapshot::priority::CpuPriority::Normal,
             stop: None,
         };

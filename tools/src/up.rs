@@ -152,6 +152,7 @@ pub fn run(dir: &Path) -> Result<()> {
         zstd_level: 3,
         threads: None,
         read_limit: None,
+        busy_read_limit: None,
         cpu_priority: None,
         schedule: Some("every 15m".into()),
         timezone: None,

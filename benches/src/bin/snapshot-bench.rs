@@ -118,6 +118,7 @@ impl Options {
             created_unix: None,
             group: None,
             read_limit: None,
+            busy_read_limit: None,
             // restic and borg run at normal priority: like for like (on a quiet machine
             // the daemon's default, idle, reads and seals as fast).
             cpu_priority: keel_snapshot::priority::CpuPriority::Normal,

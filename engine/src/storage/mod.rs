@@ -37,9 +37,11 @@ pub use posix::PosixEnv;
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Fills `buf` from `offset`. Bytes past the end of the file read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// [`Storage::read_at`] for a bulk reader that will not read the range again soon:
-    /// bypasses the page cache when the backend can and `buf` (address and length) and
-    /// `offset` are aligned to [`DIRECT_ALIGN`] (see `direct.rs`). Same bytes either way.
+    /// [`Storage::read_at`] for a bulk reader that will not read the range again soon, of a
+    /// file others keep writing: leaves no pages of its own in the page cache where the
+    /// backend can (`RWF_DONTCACHE`), and on ext4 does not hold up those writers for its
+    /// disk reads, as a direct read would (see `PosixFile::read_uncached`). Same bytes
+    /// either way.
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_at(buf, offset)
     }

@@ -33,7 +33,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -282,10 +282,11 @@ impl Frozen {
     /// right after the marker, whatever was written since. Fails if the freeze was
     /// invalidated (the error names the cause) or a region was released.
     ///
-    /// Made for bulk reads: the block store's part comes in one read that bypasses the page
-    /// cache when `buf` and `offset` are aligned to [`DIRECT_ALIGN`](crate::DIRECT_ALIGN),
-    /// without holding any lock a writer takes across the I/O, so writers wait only for
-    /// the bookkeeping.
+    /// Made for bulk reads: the block store's part comes in one read that leaves no pages
+    /// in the page cache ([`Storage::read_uncached`]), without holding any lock of the
+    /// freeze across the I/O, and without `O_DIRECT`, whose reads hold the file's inode
+    /// lock against the writers' buffered writes (on ext4 a buffered read takes none; on
+    /// XFS it takes it shared too), so writers wait only for the bookkeeping.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (set, core) = (&*self.set, &*self.core);
         set.check_range(offset, buf.len() as u64)?;
@@ -425,6 +426,13 @@ impl Frozen {
         }
     }
 
+    /// How many times the volume's store was written (writes, zeroes and trims applied,
+    /// here or from the primary) since the marker: a reader can tell from it whether the
+    /// volume is being written, and yield the disk to those writes.
+    pub fn writes(&self) -> u64 {
+        self.core.writes.load(Ordering::Relaxed)
+    }
+
     fn check_valid(&self) -> Result<()> {
         match self.core.invalid_cause() {
             None => Ok(()),
@@ -560,6 +568,8 @@ pub(super) struct Core {
     /// Regions the reader gave up: never copied again.
     released: Bitmap,
     stripes: Box<[Mutex<()>]>,
+    /// Store mutations since the freeze was activated ([`Frozen::writes`]).
+    writes: AtomicU64,
     invalid: AtomicBool,
     cause: OnceLock<String>,
     /// Set once the reservation is given back, so that happens once.
@@ -600,6 +610,7 @@ impl Core {
         len: u64,
         scratch: &mut Vec<u8>,
     ) -> std::result::Result<(), String> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let region_bytes = set.region_bytes;
         let first = offset / region_bytes;
         let last = (offset + len - 1) / region_bytes;
@@ -780,6 +791,7 @@ impl FrozenSet {
             zero: Bitmap::new(self.region_count),
             released: Bitmap::new(self.region_count),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            writes: AtomicU64::new(0),
             invalid: AtomicBool::new(false),
             cause: OnceLock::new(),
             ended: AtomicBool::new(false),

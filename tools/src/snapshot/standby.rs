@@ -353,14 +353,12 @@ impl Runner {
 
     /// Reads `frozen` into the repo (one snapshot at a time), then copies and retention.
     ///
-    /// The sealing threads run at `cpu_priority` (`SCHED_IDLE` by default), the readers at
-    /// the daemon's. Tried and dropped earlier: nice 19 for all the snapshot's threads
-    /// kept the primary's median write+flush at its undisturbed value with both nodes'
-    /// storage in memory, but on ext4 raised its p99 from about 1–2 ms to 5–6 ms,
-    /// probably because a starved reader holds locks the standby's applier needs (a
-    /// region's stripe lock across its read; the extent file's inode lock in the
-    /// allocation queries). Hence only the sealing threads, which take no lock the write
-    /// path takes (docs/benchmarks.md, "idle CPU priority").
+    /// The sealing threads run at `cpu_priority` (`SCHED_IDLE` by default), the readers too
+    /// but for their reads, which take locks the applier needs (a region's stripe lock; the
+    /// kernel's locks of the store's file). Tried and dropped earlier: nice 19 for all the
+    /// snapshot's threads, reads included, raised the primary's write p99 on ext4 from
+    /// about 1–2 ms to 5–6 ms (docs/benchmarks.md, "idle CPU priority"). While the volume
+    /// is written the reads are paced (`busy_read_limit`).
     fn take_frozen_now(&self, volume: &str, frozen: &Frozen) -> Result<serde_json::Value> {
         let _one_at_a_time = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
